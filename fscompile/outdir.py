@@ -1,0 +1,61 @@
+"""Atomic output directories: everything is written beside ``--out`` and renamed into place."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InputError
+
+MANIFEST = "manifest.json"
+
+
+def check_out(out: Path, fingerprint: str, force: bool) -> None:
+    """Refuse an ``--out`` that holds something else, unless ``force``; fail before any work."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        try:
+            same = json.loads((out / MANIFEST).read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise InputError(f"--out {out} already holds a different run (or other files); "
+                             "choose another directory or pass --force to replace it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Yield a sibling temporary directory; on success it replaces ``out`` in one rename,
+    on any failure (Ctrl-C included) it is removed and ``out`` is left untouched."""
+    tmp = out.parent / f".{out.name}.fscompile-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(f"cannot write beside --out {out}: {e.strerror}") from None
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.fscompile-old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old.exists():  # put the previous run back
+                old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

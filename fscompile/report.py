@@ -1,0 +1,85 @@
+"""manifest.json and report.md: one table comparing teacher, student and artifact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROWS = (("teacher", "teacher (PyTorch fp32)"), ("student", "student (PyTorch fp32)"),
+        ("artifact", "artifact"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def table_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model with the figures every report shows."""
+    rows = []
+    t_b1 = m["profile"]["teacher"]["batch1"]["p50_ms"]
+    for key, label in ROWS:
+        met, prof = m["metrics"][key], m["profile"][key]
+        if key == "artifact":
+            label = f"artifact ({m['target']['name']}, {m['artifact'].get('variant', m['target']['precision'])})"
+        rows.append({
+            "model": label,
+            "accuracy": met["accuracy"], "macro_f1": met["macro_f1"], "agreement": met.get("agreement"),
+            "params_m": m["parameters"][key] / 1e6, "size_mb": m["size_mb"][key],
+            "compression": m["size_mb"]["teacher"] / m["size_mb"][key],
+            "b1_p50": prof["batch1"]["p50_ms"], "b1_p90": prof["batch1"]["p90_ms"],
+            "b1_p99": prof["batch1"]["p99_ms"], "b8_p50": prof["batch8"]["p50_ms"],
+            "throughput": prof["batch8"]["throughput_per_s"], "speedup": t_b1 / prof["batch1"]["p50_ms"],
+            "peak_mb": prof["peak_rss_mb"],
+        })
+    return rows
+
+
+HEADER = ("| model | accuracy | macro-F1 | agree | params (M) | MB | × smaller | b1 p50/p90/p99 ms "
+          "| b8 p50 ms | samples/s (b8) | × faster (b1) | peak RSS MB |")
+
+
+def render_markdown(m: dict[str, Any]) -> str:
+    cfg, data = m["config"], m["data"]
+    lines = [
+        f"# fscompile report: {cfg['teacher']} → {m['target']['name']}",
+        "",
+        f"{cfg['shots']} shots per class from `{data['source']}` ({data['shot_split']}, seed {cfg['seed']}); "
+        f"metrics on {data['eval_rows']} rows of {data['eval_split']}; latency at sequence length "
+        f"{cfg['seq_len']}, {m['profile']['artifact']['threads']} threads on {m['device']['cpu']['model']}.",
+        "",
+        HEADER,
+        "|" + "---|" * 12,
+    ]
+    for r in table_rows(m):
+        agree = "—" if r["agreement"] is None else f"{r['agreement']:.3f}"
+        lines.append(
+            f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {agree} | {r['params_m']:.1f} "
+            f"| {r['size_mb']:.1f} | {r['compression']:.1f} | {r['b1_p50']:.1f} / {r['b1_p90']:.1f} / "
+            f"{r['b1_p99']:.1f} | {r['b8_p50']:.1f} | {r['throughput']:.0f} | {r['speedup']:.2f} "
+            f"| {r['peak_mb']:.0f} |")
+    art = m["artifact"]
+    t_acc = m["metrics"]["teacher"]["accuracy"]
+    lines += [
+        "",
+        f"- Student: teacher layers {m['student']['layers_kept']} kept; "
+        f"{m['distillation']['steps']} distillation steps on {m['distillation']['transfer_size']} transfer "
+        f"examples ({', '.join(f'{k}: {v}' for k, v in m['distillation']['transfer_origin'].items())}).",
+        f"- Artifact keeps {m['metrics']['artifact']['accuracy'] / t_acc:.1%} of the teacher's accuracy."
+        if t_acc else "- Teacher accuracy is 0.",
+    ]
+    if m["teacher"].get("adaptation"):
+        a = m["teacher"]["adaptation"]
+        lines.append(f"- Teacher had no task head: fitted one ({a['method']}, leave-one-out accuracy "
+                     f"{a['cv_accuracy']:.3f}).")
+    if m["student"].get("prepare"):
+        lines.append(f"- Sparsity: {json.dumps(m['student']['prepare'])}.")
+    if "variant" in art:
+        cands = "; ".join(f"{k}: agreement {v['agreement']:.3f}, {v['b1_p50_ms']:.1f} ms, {v['size_mb']:.1f} MB"
+                          for k, v in art["candidates"].items())
+        lines.append(f"- INT8 variant kept: **{art['variant']}** ({art['selection']}). Candidates: {cands}. "
+                     f"{art['calibration_samples']} samples calibrated the static candidate.")
+    if art.get("fusion_skipped"):
+        lines.append(f"- Attention fusion skipped: {art['fusion_skipped']}")
+    t = m["timings_s"]
+    lines += ["", "Compile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from fscompile.augment import build_transfer_set
+from fscompile.backends import Recipe, get_backend, registered
+from fscompile.config import CompileConfig
+from fscompile.errors import InputError
+from fscompile.models.text import derive_student, load_teacher
+from fscompile.pipeline import calibration_set
+from tests.test_distill import SHOTS
+
+
+def test_builtin_targets_are_entry_points():
+    assert {"ort-fp32", "ort-int8"} <= set(registered())
+    ok, why = get_backend("ort-int8").available()
+    assert ok, why
+
+
+def test_unknown_target_suggests_close_match():
+    with pytest.raises(InputError, match="Did you mean ort-int8"):
+        get_backend("ort-int9")
+
+
+@pytest.fixture(scope="module")
+def student(tiny_teacher):
+    s, _ = derive_student(load_teacher(str(tiny_teacher)), "2")
+    return s
+
+
+def _calib(student):
+    ts = build_transfer_set(SHOTS, per_shot=10, seed=0, mask_token="[MASK]")
+    return calibration_set(student, ts, CompileConfig(), n_calibrate=16, n_validate=16)
+
+
+def test_ort_fp32_matches_torch_with_dynamic_axes(student, tmp_path):
+    backend = get_backend("ort-fp32")
+    art = backend.compile(student, _calib(student), tmp_path / "fp32", Recipe())
+    model = onnx.load(str(art.path / "model.onnx"))
+    assert [o.name for o in model.graph.output] == ["logits"]
+    run = backend.load(art)
+    for texts in (["great film"], ["a dull film", "the parcel arrived late and crushed today"]):
+        x = student.encode(texts)
+        with torch.no_grad():
+            ref = student.module(**x).logits.numpy()
+        got = run({k: v.numpy() for k, v in x.items()})
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_ort_int8_artifact_loads_with_plain_onnxruntime(student, tmp_path):
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    cal = _calib(student)
+    art = get_backend("ort-int8").compile(student, cal, tmp_path / "int8", Recipe())
+    assert art.info["variant"] in art.info["candidates"]
+    assert art.info["calibration_samples"] == cal.num_calibration_samples > 0
+    assert {"config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in art.path.iterdir()}
+    tok = AutoTokenizer.from_pretrained(art.path)
+    sess = ort.InferenceSession(str(art.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    enc = tok(["great value", "a dull and tedious film"], padding=True, return_tensors="np")
+    logits = sess.run(["logits"], {k: enc[k].astype(np.int64) for k in names})[0]
+    with torch.no_grad():
+        ref = student.module(**student.encode(["great value", "a dull and tedious film"])).logits.numpy()
+    assert logits.shape == (2, 2)
+    assert np.abs(logits - ref).max() < 0.5  # INT8 error on a random tiny model stays small
+
+
+def test_prepare_prunes_ffn(tiny_teacher):
+    s, _ = derive_student(load_teacher(str(tiny_teacher)), "2")
+    get_backend("ort-int8").prepare(s, Recipe(prune=0.5))
+    assert s.info["prepare"]["ffn_channels_after"] == 2 * 32

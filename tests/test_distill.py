@@ -1,0 +1,103 @@
+import random
+
+import torch
+
+from fscompile.augment import OPS, augment_text, build_transfer_set
+from fscompile.config import DistillConfig
+from fscompile.data import Example
+from fscompile.distill import attention_loss, distill, hidden_loss, kd_loss
+from fscompile.models.text import derive_student, load_teacher, parse_layers, prune_ffn
+
+SHOTS = [Example("the film was wonderful and warm", 1), Example("a dull and tedious film", 0),
+         Example("great value and fast delivery", 1), Example("the parcel arrived late and crushed", 0)]
+
+
+def test_kd_loss_zero_iff_equal():
+    t = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    assert kd_loss(t, t, 2.0).abs() < 1e-6
+    assert kd_loss(torch.zeros_like(t), t, 2.0) > 1e-3
+
+
+def test_hidden_and_attention_losses_ignore_padding():
+    h = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    noisy = h.clone()
+    noisy[0, 3:] += 10.0  # changes only on padded positions
+    assert hidden_loss(noisy, h, mask) < 1e-6
+    assert hidden_loss(h + 1.0, h, mask) > 0.1
+    a = torch.softmax(torch.randn(2, 2, 5, 5), -1)
+    assert attention_loss(a, a, mask).abs() < 1e-6
+    assert attention_loss(torch.softmax(torch.randn(2, 2, 5, 5), -1), a, mask) > 0
+
+
+def test_augmentations_are_seeded_and_change_text():
+    for op in OPS:
+        a = augment_text("one two three four five six seven", "alpha beta gamma", op, random.Random(3), "[MASK]")
+        b = augment_text("one two three four five six seven", "alpha beta gamma", op, random.Random(3), "[MASK]")
+        assert a == b and a.strip()
+    assert "[MASK]" in augment_text("one two three", "", "mask", random.Random(0), "[MASK]")
+
+
+def test_transfer_set_contents():
+    ts = build_transfer_set(SHOTS, per_shot=3, seed=0, mask_token="[MASK]", unlabeled=["raw text"])
+    assert len(ts) == 4 + 12 + 1 and ts.origin.count("shot") == 4 and ts.origin[-1] == "unlabeled"
+    assert ts.texts[:4] == [s.text for s in SHOTS]
+
+
+def test_parse_layers():
+    assert parse_layers(None, 6) == [1, 3, 5]
+    assert parse_layers("2", 6) == [2, 5]
+    assert parse_layers("0,2,4", 6) == [0, 2, 4]
+
+
+def test_student_copies_teacher_layers(tiny_teacher):
+    teacher = load_teacher(str(tiny_teacher))
+    student, keep = derive_student(teacher, "0,3")
+    assert keep == [0, 3] and len(student.layers()) == 2 and student.config.num_hidden_layers == 2
+    for s_layer, t_idx in zip(student.layers(), keep):
+        for (_, a), (_, b) in zip(s_layer.named_parameters(), teacher.layers()[t_idx].named_parameters()):
+            assert torch.equal(a, b)
+    assert len(teacher.layers()) == 4  # the teacher itself is untouched
+
+
+def test_prune_ffn_shrinks_matrices(tiny_teacher):
+    student, _ = derive_student(load_teacher(str(tiny_teacher)), None)
+    info = prune_ffn(student, 0.25)
+    assert info["ffn_channels_after"] == 2 * 48
+    assert student.layers()[0].intermediate.dense.weight.shape == (48, 32)
+    x = student.encode(["great film"])
+    assert student.module(**x).logits.shape == (1, 2)
+
+
+def test_distillation_moves_student_towards_teacher(tiny_headless):
+    teacher = load_teacher(str(tiny_headless), ["negative", "positive"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # a large random head: an opinionated, input-dependent teacher
+        teacher.module.head.weight.copy_(torch.randn_like(teacher.module.head.weight) * 20)
+    student, keep = derive_student(teacher, "1")
+    with torch.no_grad():  # random tiny layers barely act: perturb the student so there is a gap
+        for p in student.layers().parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ts = build_transfer_set(SHOTS, per_shot=4, seed=0, mask_token="[MASK]")
+    x = student.encode(ts.texts)
+
+    def gap():
+        with torch.no_grad():
+            return kd_loss(student.module(**x).logits, teacher.module(**x).logits, 1.0).item()
+
+    before = gap()
+    assert before > 1e-3
+    stats = distill(teacher, student, ts, keep, DistillConfig(steps=60, lr=1e-3, batch_size=8), seed=0)
+    assert stats.steps == 60 and stats.layer_map == [(0, 3)]
+    assert gap() < before * 0.5
+
+
+def test_distillation_is_deterministic(tiny_teacher):
+    def once():
+        teacher = load_teacher(str(tiny_teacher))
+        student, keep = derive_student(teacher, "2")
+        ts = build_transfer_set(SHOTS, per_shot=2, seed=0, mask_token="[MASK]")
+        distill(teacher, student, ts, keep, DistillConfig(steps=5, batch_size=4), seed=3)
+        return student.layers()[0].attention.self.query.weight.detach().clone()
+
+    assert torch.equal(once(), once())
