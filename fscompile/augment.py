@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .data import Example
 
-OPS = ("mask", "drop", "swap", "mix", "crop")
+OPS = ("mask", "drop", "swap", "mix", "crop", "vocab")
 
 
 @dataclass
@@ -67,7 +67,33 @@ def mix(a: list[str], b: list[str], rng: random.Random) -> list[str]:
     return a[:ca] + b[cb:]
 
 
-def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str) -> str:
+def vocabulary_words(tokenizer, limit: int = 20000) -> list[str]:
+    """Whole-word entries of the tokenizer's vocabulary, in id order (for WordPiece and BPE
+    vocabularies roughly frequency order), without special, unused or sub-word pieces."""
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    words = []
+    for tok, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        w = tok.lstrip("Ġ▁")  # BPE / SentencePiece word-start markers
+        if tok in special or tok.startswith("##") or not w.isalpha() or len(w) < 2 or "unused" in w:
+            continue
+        words.append(w)
+    return words[:limit]
+
+
+def replace_words(words: list[str], rng: random.Random, vocab: list[str], p: float = 0.3) -> list[str]:
+    """Replace about ``p`` of the words by vocabulary words (more often frequent ones), so the
+    teacher shows the student how it treats words the shots never contain."""
+    if not vocab:
+        return list(words)
+    n = len(vocab)
+    out = [vocab[min(n - 1, int(n * rng.random() ** 2))] if rng.random() < p else w for w in words]
+    if out == words and words:
+        out[rng.randrange(len(words))] = vocab[rng.randrange(n)]
+    return out
+
+
+def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str,
+                 vocab: list[str] | None = None) -> str:
     words = text.split()
     if not words:
         return text
@@ -79,6 +105,8 @@ def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str) 
         out = swap_spans(words, rng)
     elif op == "crop":
         out = crop(words, rng)
+    elif op == "vocab":
+        out = replace_words(words, rng, vocab or [])
     elif op == "mix":
         out = mix(words, other.split() or words, rng)
     else:
@@ -87,7 +115,8 @@ def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str) 
 
 
 def build_transfer_set(shots: list[Example], per_shot: int, seed: int, mask_token: str,
-                       unlabeled: list[str] | None = None, ops: tuple[str, ...] = OPS) -> TransferSet:
+                       unlabeled: list[str] | None = None, ops: tuple[str, ...] = OPS,
+                       vocab: list[str] | None = None) -> TransferSet:
     """The shots, ``per_shot`` augmented variants of each, and any unlabeled texts."""
     rng = random.Random(seed)
     is_pair = any(s.text_pair is not None for s in shots)
@@ -100,9 +129,9 @@ def build_transfer_set(shots: list[Example], per_shot: int, seed: int, mask_toke
             other = shots[rng.randrange(len(shots))]
             if is_pair and rng.random() < 0.5:  # vary one side of a pair at a time
                 texts.append(s.text)
-                pairs.append(augment_text(s.text_pair or "", other.text_pair or "", op, rng, mask_token))
+                pairs.append(augment_text(s.text_pair or "", other.text_pair or "", op, rng, mask_token, vocab))
             else:
-                texts.append(augment_text(s.text, other.text, op, rng, mask_token))
+                texts.append(augment_text(s.text, other.text, op, rng, mask_token, vocab))
                 if pairs is not None:
                     pairs.append(s.text_pair or "")
             origin.append(f"aug:{op}")

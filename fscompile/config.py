@@ -26,8 +26,10 @@ class DistillConfig:
     temperature: float = 2.0
     augment: int = 100  # augmented variants per shot in the transfer set
     hidden_weight: float = 1.0  # weight of hidden-state matching (0 = logits only)
-    attention_weight: float = 1.0  # weight of attention-distribution matching
+    attention_weight: float = 0.0  # weight of attention-distribution matching (off: no gain measured)
+    evals: int = 5  # validation checks for early stopping (0 = keep the last step)
     unlabeled: str | None = None  # optional file of raw in-domain text
+    ops: str = "mask,drop,swap,mix,crop,vocab"  # augmentations, cycled over the variants
     max_length: int = 128
 
     def __post_init__(self) -> None:
@@ -51,6 +53,7 @@ class CompileConfig:
     seed: int = 0
     student_layers: str | None = None  # "0,2,4", a count "3", or None = every other layer
     prune: float = 0.0
+    embedding_rank: int = 0  # low-rank word embeddings (0 = keep them full)
     bits: int = 8
     seq_len: int = 128  # profiling sequence length
     profile_seconds: float = 3.0  # time budget per model and batch size when profiling
@@ -67,6 +70,8 @@ class CompileConfig:
             raise ValueError(f"--shots must be >= 1, got {self.shots}")
         if not 0.0 <= self.prune < 1.0:
             raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
+        if self.embedding_rank < 0:
+            raise ValueError(f"--embedding-rank must be >= 0, got {self.embedding_rank}")
         if self.bits != 8:
             raise ValueError(f"--bits: only 8 is supported, got {self.bits}")
         if self.seq_len < 8:

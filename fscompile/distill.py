@@ -29,6 +29,8 @@ class DistillStats:
     final_loss: float
     losses: dict[str, float] = field(default_factory=dict)
     layer_map: list[tuple[int, int]] = field(default_factory=list)
+    best_step: int = 0
+    validation: list[dict[str, float]] = field(default_factory=list)
 
 
 def set_seed(seed: int) -> None:
@@ -52,14 +54,36 @@ class Batcher:
         return {k: torch.from_numpy(v) for k, v in pad_batch(self.enc, idx, self.names, self.pad_id).items()}
 
 
-@torch.no_grad()
-def teacher_logits(teacher: TextModel, batcher: Batcher, batch_size: int = 64) -> torch.Tensor:
-    """The teacher's logits for every transfer example (computed once)."""
-    teacher.module.eval()
-    out = torch.empty(len(batcher), teacher.module(**batcher.batch([0])).logits.shape[-1])
-    for idx in length_sorted_batches(batcher.enc, batch_size):
-        out[idx] = teacher.module(**batcher.batch(idx)).logits.float()
-    return out
+class TeacherCache:
+    """The teacher's logits, and hidden states of the layers the student matches, for every
+    transfer example: computed once, so a training step costs only the student's passes.
+    Hidden states are kept per example at their own length, in fp16."""
+
+    def __init__(self, teacher: TextModel, batcher: Batcher, layers: list[int], batch_size: int = 64) -> None:
+        self.layers = layers
+        self.logits = torch.empty(0)
+        self.hidden: list[list[torch.Tensor]] = [[torch.empty(0)] * len(batcher) for _ in layers]
+        teacher.module.eval()
+        with torch.no_grad():
+            for idx in length_sorted_batches(batcher.enc, batch_size):
+                b = batcher.batch(idx)
+                out = teacher.module(**b, output_hidden_states=bool(layers))
+                if not len(self.logits):
+                    self.logits = torch.empty(len(batcher), out.logits.shape[-1])
+                self.logits[idx] = out.logits.float()
+                lengths = b["attention_mask"].sum(1).tolist()
+                for j, layer in enumerate(layers):
+                    h = out.hidden_states[layer + 1].half()
+                    for r, (i, n) in enumerate(zip(idx, lengths)):
+                        self.hidden[j][i] = h[r, :n].clone()
+
+    def hidden_batch(self, j: int, idx: list[int], width: int) -> torch.Tensor:
+        """Layer ``j``'s cached states for ``idx``, zero-padded to ``width`` tokens."""
+        h = self.hidden[j]
+        out = torch.zeros(len(idx), width, h[idx[0]].shape[-1])
+        for r, i in enumerate(idx):
+            out[r, :len(h[i])] = h[i].float()
+        return out
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,18 +115,39 @@ def layer_map(keep: list[int]) -> list[tuple[int, int]]:
     return list(enumerate(keep))
 
 
+def _agreement(model: TextModel, batcher: Batcher, t_logits: torch.Tensor) -> tuple[float, float]:
+    """(agreement with the teacher's argmax, mean KL at T=1) on a validation transfer set."""
+    agree, kl, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for idx in length_sorted_batches(batcher.enc, 64):
+            logits = model.module(**batcher.batch(idx)).logits
+            agree += (logits.argmax(-1) == t_logits[idx].argmax(-1)).sum().item()
+            kl += kd_loss(logits, t_logits[idx], 1.0).item() * len(idx)
+            n += len(idx)
+    return agree / n, kl / n
+
+
 def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep: list[int],
-            cfg: DistillConfig, seed: int, progress: Callable[[int, int, float], None] | None = None
-            ) -> DistillStats:
-    """Train ``student`` in place on the transfer set; returns what happened."""
+            cfg: DistillConfig, seed: int, progress: Callable[[int, int, float], None] | None = None,
+            validation: TransferSet | None = None) -> DistillStats:
+    """Train ``student`` in place on the transfer set; returns what happened.
+
+    With ``validation`` (inputs the student never trains on), agreement with the teacher is
+    checked ``cfg.evals`` times and the best checkpoint is kept (early stopping without
+    spending any labelled shot on validation: the teacher labels the validation inputs).
+    """
     import time
 
     start = time.perf_counter()
     set_seed(seed)
-    batcher = Batcher(student, transfer.texts, transfer.pairs, cfg.max_length)
-    t_logits = teacher_logits(teacher, batcher)
-    use_inner = cfg.hidden_weight > 0 or cfg.attention_weight > 0
     pairs = layer_map(keep)
+    batcher = Batcher(student, transfer.texts, transfer.pairs, cfg.max_length)
+    cache = TeacherCache(teacher, batcher, [t for _, t in pairs] if cfg.hidden_weight > 0 else [])
+    t_logits = cache.logits
+    if validation is not None:
+        v_batcher = Batcher(student, validation.texts, validation.pairs, cfg.max_length)
+        v_logits = TeacherCache(teacher, v_batcher, []).logits
+    use_attention = cfg.attention_weight > 0
 
     model = student.module
     model.train()
@@ -115,38 +160,49 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
     order: list[int] = []
     totals = {"kd": 0.0, "hidden": 0.0, "attention": 0.0}
     ema = math.nan
+    eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if validation else set()
+    best: tuple[float, float] = (-1.0, 0.0)
+    best_state, best_step, curve = None, cfg.steps, []
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:  # epoch-style shuffling: every example before repeats
             order.extend(gen.permutation(len(batcher)).tolist())
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         batch = batcher.batch(idx)
-        out = model(**batch, output_hidden_states=use_inner, output_attentions=cfg.attention_weight > 0)
+        out = model(**batch, output_hidden_states=cfg.hidden_weight > 0, output_attentions=use_attention)
         loss = kd_loss(out.logits, t_logits[idx], cfg.temperature)
         totals["kd"] += loss.item()
-        if use_inner:
+        mask = batch["attention_mask"]
+        if cfg.hidden_weight > 0:
+            width = mask.shape[1]
+            h = sum(hidden_loss(out.hidden_states[s + 1], cache.hidden_batch(j, idx, width), mask)
+                    for j, (s, _) in enumerate(pairs)) / len(pairs)
+            loss = loss + cfg.hidden_weight * h
+            totals["hidden"] += h.item()
+        if use_attention:  # attention maps are too large to cache: the teacher runs again
             with torch.no_grad():
-                t_out = teacher.module(**batch, output_hidden_states=True,
-                                       output_attentions=cfg.attention_weight > 0)
-            mask = batch["attention_mask"]
-            if cfg.hidden_weight > 0:
-                h = sum(hidden_loss(out.hidden_states[s + 1], t_out.hidden_states[t + 1], mask)
-                        for s, t in pairs) / len(pairs)
-                loss = loss + cfg.hidden_weight * h
-                totals["hidden"] += h.item()
-            if cfg.attention_weight > 0:
-                a = sum(attention_loss(out.attentions[s], t_out.attentions[t], mask)
-                        for s, t in pairs) / len(pairs)
-                loss = loss + cfg.attention_weight * a
-                totals["attention"] += a.item()
+                t_att = teacher.module(**batch, output_attentions=True).attentions
+            a = sum(attention_loss(out.attentions[s], t_att[t], mask) for s, t in pairs) / len(pairs)
+            loss = loss + cfg.attention_weight * a
+            totals["attention"] += a.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
+        if step + 1 in eval_at:
+            model.eval()
+            agree, kl = _agreement(student, v_batcher, v_logits)
+            model.train()
+            curve.append({"step": step + 1, "agreement": agree, "kl": kl})
+            if (agree, -kl) > best:
+                best, best_step = (agree, -kl), step + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if progress:
             progress(step + 1, cfg.steps, ema)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(transfer), seconds=time.perf_counter() - start,
                         final_loss=ema, losses={k: v / cfg.steps for k, v in totals.items()},
-                        layer_map=pairs)
+                        layer_map=pairs, best_step=best_step, validation=curve)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .adapt import fit_head
-from .augment import TransferSet, build_transfer_set
+from .augment import TransferSet, build_transfer_set, vocabulary_words
 from .backends import Artifact, Backend, Recipe, get_backend
 from .calibration import CalibrationSet, batches_from_encodings
 from .config import CompileConfig
@@ -25,7 +25,8 @@ from .data import Example, TaskData, load_task_data, load_unlabeled
 from .distill import DistillStats, distill, set_seed
 from .errors import InputError, TargetUnavailable
 from .evaluate import metrics, predict
-from .models.text import TextModel, align_labels, derive_student, load_teacher, save_torch
+from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher,
+                          save_torch)
 from .outdir import MANIFEST, check_out, staged
 from .profile import ProfileRequest, device_info, profile_model
 from .report import render_markdown, write_json
@@ -76,7 +77,19 @@ def adapt(teacher: TextModel, task: TaskData, cfg: CompileConfig) -> dict[str, A
 def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig) -> TransferSet:
     unlabeled = load_unlabeled(cfg.distill.unlabeled) if cfg.distill.unlabeled else None
     mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
-    return build_transfer_set(task.shots, cfg.distill.augment, cfg.seed, mask, unlabeled)
+    ops = tuple(cfg.distill.ops.split(","))
+    return build_transfer_set(task.shots, cfg.distill.augment, cfg.seed, mask, unlabeled, ops,
+                              vocabulary_words(teacher.tokenizer))
+
+
+def validation_set(task: TaskData, teacher: TextModel, cfg: CompileConfig, size: int = 256) -> TransferSet:
+    """Fresh variants of the shots (another seed, never trained on) for early stopping."""
+    mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
+    per_shot = max(1, -(-size // len(task.shots)))
+    ts = build_transfer_set(task.shots, per_shot, cfg.seed + 7919, mask, None,
+                            tuple(cfg.distill.ops.split(",")), vocabulary_words(teacher.tokenizer))
+    n = len(task.shots)  # drop the raw shots: the student trains on those
+    return TransferSet(ts.texts[n:], ts.pairs[n:] if ts.pairs is not None else None, ts.origin[n:])
 
 
 def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfig,
@@ -162,14 +175,17 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
         adaptation = adapt(teacher, task, cfg)
     with _timed(timings, "derive student", progress):
         student, keep = derive_student(teacher, cfg.student_layers)
+        if cfg.embedding_rank:
+            student.info["embeddings"] = factorize_embeddings(student, cfg.embedding_rank)
         recipe = Recipe(prune=cfg.prune, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration)
         # The target's sparsity pattern is applied before distillation, which then serves as recovery.
         student = backend.prepare(student, recipe)
     with _timed(timings, "distill", progress):
         transfer = transfer_set(task, teacher, cfg)
+        validation = validation_set(task, teacher, cfg) if cfg.distill.evals else None
         stats: DistillStats = distill(
             teacher, student, transfer, keep, cfg.distill, cfg.seed,
-            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"))
+            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"), validation=validation)
 
     with staged(out) as stage, tempfile.TemporaryDirectory(prefix="fscompile-work-") as work_s:
         work = Path(work_s)
@@ -199,7 +215,8 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
             "data": {"source": task.source, "columns": task.columns, "label_names": task.label_names,
                      "shot_split": task.shot_split, "shot_indices": task.shot_indices,
                      "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval)},
-            "student": {"layers_kept": keep, "prepare": student.info.get("prepare"), "parameters": params["student"]},
+            "student": {"layers_kept": keep, "prepare": student.info.get("prepare"),
+                        "embeddings": student.info.get("embeddings"), "parameters": params["student"]},
             "distillation": {**dataclasses.asdict(stats),
                              "transfer_origin": {o: transfer.origin.count(o) for o in sorted(set(transfer.origin))}},
             "artifact": {"dir": "model", "model_file": artifact.model_file, **artifact.info},

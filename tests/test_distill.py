@@ -101,3 +101,20 @@ def test_distillation_is_deterministic(tiny_teacher):
         return student.layers()[0].attention.self.query.weight.detach().clone()
 
     assert torch.equal(once(), once())
+
+
+def test_factorized_embeddings_roundtrip(tiny_teacher, tmp_path):
+    from fscompile.models.text import FactorizedEmbedding, factorize_embeddings, load_torch, save_torch
+
+    student, _ = derive_student(load_teacher(str(tiny_teacher)), "2")
+    full = student.module.base.get_input_embeddings().weight.detach().clone()
+    info = factorize_embeddings(student, 28)  # most of the energy of a 32-wide embedding
+    emb = student.module.base.get_input_embeddings()
+    assert isinstance(emb, FactorizedEmbedding) and info["parameters_after"] < info["parameters_before"]
+    approx = emb.up(emb.low.weight).detach()
+    assert (approx - full).norm() < 0.35 * full.norm() and info["energy_kept"] > 0.9
+    save_torch(student, tmp_path / "s")
+    again = load_torch(tmp_path / "s")
+    x = student.encode(["great film", "a dull film"])
+    with torch.no_grad():
+        assert torch.allclose(again.module(**x).logits, student.module(**x).logits, atol=1e-6)

@@ -300,40 +300,84 @@ def save_pretrained(model: TextModel, out: Path) -> None:
 
 
 def save_torch(model: TextModel, out: Path) -> None:
-    """Save the torch model (safetensors) so another process can load it with :func:`load_torch`."""
+    """Save the torch model (config, one safetensors file, how it was reshaped) so another
+    process can rebuild it with :func:`load_torch`."""
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     m = model.module
-    if isinstance(m, HFClassifier):
-        m.hf.save_pretrained(out)
-    else:
-        from safetensors.torch import save_file
-
-        m.body.save_pretrained(out)
-        save_file({k: v.contiguous() for k, v in m.head.state_dict().items()}, out / "head.safetensors")
-        (out / HEAD_FILE).write_text(json.dumps({"pooling": "mean", "normalize": m.normalize,
-                                                 "num_labels": m.head.out_features}))
+    m.base.config.save_pretrained(out)
+    state = {k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}  # clone: no shared storage
+    save_file(state, out / "model.safetensors")
     model.tokenizer.save_pretrained(out)
-    (out / "fscompile_labels.json").write_text(json.dumps(model.label_names))
+    meta = {"kind": "hf" if isinstance(m, HFClassifier) else "mean-pool", "labels": model.label_names,
+            "normalize": getattr(m, "normalize", False), "embedding_rank": embedding_rank(model)}
+    (out / HEAD_FILE).write_text(json.dumps(meta))
 
 
 def load_torch(path: Path) -> TextModel:
     """Load a model written by :func:`save_torch` (safetensors only, no remote code)."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    labels = json.loads((path / "fscompile_labels.json").read_text())
-    if (path / HEAD_FILE).is_file():
-        from safetensors.torch import load_file
-
-        meta = json.loads((path / HEAD_FILE).read_text())
-        body = AutoModel.from_pretrained(path, attn_implementation="eager")
-        module: nn.Module = MeanPoolClassifier(body, meta["num_labels"], meta["normalize"])
-        module.head.load_state_dict(load_file(path / "head.safetensors"))
+    meta = json.loads((path / HEAD_FILE).read_text())
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = "eager"
+    if meta["kind"] == "hf":
+        module: nn.Module = HFClassifier(AutoModelForSequenceClassification.from_config(config))
     else:
-        module = HFClassifier(AutoModelForSequenceClassification.from_pretrained(
-            path, attn_implementation="eager"))
+        module = MeanPoolClassifier(AutoModel.from_config(config), len(meta["labels"]), meta["normalize"])
+    model = TextModel(module, AutoTokenizer.from_pretrained(path), meta["labels"], source=str(path))
+    if meta.get("embedding_rank"):
+        factorize_embeddings(model, meta["embedding_rank"])
+    module.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     module.eval()
-    return TextModel(module, tok, labels, source=str(path))
+    return model
+
+
+class FactorizedEmbedding(nn.Module):
+    """A vocabulary x hidden embedding stored as (vocabulary x rank) @ (rank x hidden).
+
+    Half of a small BERT's parameters are its word embeddings; a low-rank factorisation keeps
+    every token (no vocabulary is cut, so no token becomes unknown) at a fraction of the size.
+    """
+
+    def __init__(self, num_embeddings: int, hidden: int, rank: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.low = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.up = nn.Linear(rank, hidden, bias=False)
+
+    @property
+    def rank(self) -> int:
+        return self.low.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.up(self.low(input_ids))
+
+
+def embedding_rank(model: TextModel) -> int | None:
+    emb = model.module.base.get_input_embeddings()
+    return emb.rank if isinstance(emb, FactorizedEmbedding) else None
+
+
+def factorize_embeddings(model: TextModel, rank: int) -> dict[str, float]:
+    """Replace the word embeddings by their best rank-``rank`` approximation (truncated SVD)."""
+    base = model.module.base
+    emb = base.get_input_embeddings()
+    if isinstance(emb, FactorizedEmbedding):
+        raise StageError("embeddings are already factorised")
+    weight = emb.weight.detach().float()
+    if not 0 < rank < min(weight.shape):
+        raise InputError(f"--embedding-rank {rank}: must be between 1 and {min(weight.shape) - 1}")
+    u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
+    new = FactorizedEmbedding(weight.shape[0], weight.shape[1], rank, emb.padding_idx)
+    with torch.no_grad():
+        new.low.weight.copy_(u[:, :rank] * sv[:rank])
+        new.up.weight.copy_(vh[:rank].T)
+    base.set_input_embeddings(new)
+    kept = float((sv[:rank] ** 2).sum() / (sv ** 2).sum())
+    return {"rank": rank, "energy_kept": kept, "parameters_before": weight.numel(),
+            "parameters_after": new.low.weight.numel() + new.up.weight.numel()}
 
 
 def prune_ffn(model: TextModel, rate: float) -> dict[str, int]:
