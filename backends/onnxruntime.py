@@ -7,6 +7,7 @@ slow (S8S8 kernels are not fused) and inaccurate (quantizing every op of a trans
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -147,12 +148,20 @@ class OrtInt8Backend(_OrtBackend):
                 candidates["dynamic-per-channel"] = dyn
             except Exception as e:  # record and fall back to the other candidate
                 errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
-            stat = work / "static.onnx"
+            methods = self.calibration_methods if recipe.calibration == "auto" else (recipe.calibration,)
+            pre = work / "pre.onnx"
             try:
-                self._static(raw, stat, calibration, student, work, recipe.calibration)
-                candidates["static-qdq"] = stat
+                self._preprocess(raw, pre)
             except Exception as e:
-                errors["static-qdq"] = str(e).splitlines()[0][:200]
+                errors["static-qdq"] = f"pre-processing failed: {str(e).splitlines()[0][:200]}"
+                methods = ()
+            for method in methods:
+                name, stat = f"static-qdq-{method}", work / f"static-{method}.onnx"
+                try:
+                    self._static(pre, stat, calibration, student, method)
+                    candidates[name] = stat
+                except Exception as e:  # one calibrator failing must not sink the others; it is recorded
+                    errors[name] = str(e).splitlines()[0][:200]
             if not candidates:
                 raise StageError(f"INT8 quantization failed: {errors}")
             choice, table = self._choose(fused, candidates, calibration, recipe.seq_len)
@@ -164,19 +173,24 @@ class OrtInt8Backend(_OrtBackend):
             return self._finish(student, candidates[choice], out_dir, "int8", info)
 
     @staticmethod
-    def _static(raw: Path, dst: Path, calibration: CalibrationSet, student: TextModel, work: Path,
-                method: str) -> None:
+    def _preprocess(raw: Path, pre: Path) -> None:
+        """ORT's quantization pre-processing (shape inference, graph clean-up)."""
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        # skip_symbolic_shape: symbolic inference fails on these exports; on failure the tool
+        # leaves large <uuid>.data files in the working directory, so run it inside ours.
+        with contextlib.chdir(pre.parent):
+            quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
+
+    @staticmethod
+    def _static(pre: Path, dst: Path, calibration: CalibrationSet, student: TextModel, method: str) -> None:
         """Static QDQ with the settings that hold accuracy on transformers (NOTES-stack.md):
         U8 activations, S8 per-channel weights, MatMuls only, FFN-down MatMuls left in fp32
         because their inputs carry activation outliers."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         import onnx
 
-        pre = work / "pre.onnx"
-        # skip_symbolic_shape: symbolic inference fails on these exports and leaves stray files
-        quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
         inits = {i.name: i.dims for i in model.graph.initializer}
         ffn = getattr(student.config, "intermediate_size", None) or getattr(student.config, "hidden_dim", None)
@@ -184,11 +198,13 @@ class OrtInt8Backend(_OrtBackend):
                    and any(list(inits.get(x, [])[:1]) == [ffn] for x in n.input)]
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
+        if method not in methods:
+            raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(methods)}")
         quantize_static(str(pre), str(dst), ReaderFromBatches(calibration.calibrate),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude, calibrate_method=methods.get(method, CalibrationMethod.MinMax),
-                        extra_options={"CalibMovingAverage": True})
+                        nodes_to_exclude=exclude, calibrate_method=methods[method],
+                        extra_options={"CalibMovingAverage": True} if method == "minmax" else {})
 
     @staticmethod
     def _choose(reference: Path, candidates: dict[str, Path], calibration: CalibrationSet,

@@ -31,8 +31,10 @@ class CalibrationSet:
 
 def batches_from_encodings(enc: dict[str, list[list[int]]], names: list[str], pad_id: int,
                            batch_size: int = 8) -> list[dict[str, np.ndarray]]:
-    """Pad pre-tokenised rows into length-sorted batches."""
-    return [pad_batch(enc, idx, names, pad_id) for idx in length_sorted_batches(enc, batch_size)]
+    """Pad pre-tokenised rows into batches of one common width: histogram calibrators
+    (entropy, percentile) stack activations across batches and need equal shapes."""
+    width = max(len(x) for x in enc["input_ids"])
+    return [pad_batch(enc, idx, names, pad_id, width) for idx in length_sorted_batches(enc, batch_size)]
 
 
 class ReaderFromBatches(CalibrationDataReader):

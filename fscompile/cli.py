@@ -1,6 +1,7 @@
 """Command line: ``fscompile TEACHER [options]`` compiles; ``targets`` lists targets."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -100,6 +101,12 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--text-column", help="Text column (auto-detected).")
 @click.option("--text-pair-column", help="Second text column for sentence pairs (auto-detected).")
 @click.option("--label-column", help="Label column (auto-detected).")
+@click.option("--export-only", is_flag=True, help="Build the target's portable files even where it cannot run "
+              "(e.g. TensorRT's QDQ ONNX without a GPU); evaluated with ONNX Runtime on the CPU.")
+@click.option("--fallback", is_flag=True, help="If the artifact is not faster than the fp32 student or loses more "
+              "than --tolerance accuracy, ship the better variant instead.")
+@click.option("--tolerance", default=0.01, show_default=True, type=float,
+              help="Accuracy the artifact may lose against the fp32 student before verification fails.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -122,7 +129,8 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         out = out or Path("fscompile-out") / cfg.run_name()
-        with ProgressUI(enabled=not quiet and not as_json) as ui:
+        # stdout carries only our result (--json): library prints (ORT's calibrators) go to stderr
+        with ProgressUI(enabled=not quiet and not as_json) as ui, contextlib.redirect_stdout(sys.stderr):
             from .pipeline import run
 
             manifest = run(cfg, out, force=force, progress=ui.update)
@@ -151,18 +159,21 @@ def targets_cmd(as_json: bool) -> None:
         click.echo(json.dumps({"targets": rows, "failed_to_load": broken}, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="fscompile targets")
-    for col in ("target", "available", "device", "precisions", "sparsity", "calibration", "why not"):
+    for col in ("target", "available", "device", "precisions", "sparsity", "calibration", "module", "why not"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], "yes" if r["available"] else "no", r["device"], ",".join(r["precisions"]),
-                      ",".join(r["sparsity"]) or "-", ",".join(r["calibration"]) or "-", r["reason"] or "")
+        table.add_row(*map(escape, (r["name"], "yes" if r["available"] else "no", r["device"],
+                                    ",".join(r["precisions"]), ",".join(r["sparsity"]) or "-",
+                                    ",".join(r["calibration"]) or "-", r["module"], r["reason"] or "")))
     console = Console()
+    console.width = max(console.width, 160)  # pipes and CI logs default to 80 columns
     console.print(table)
     for name, why in broken.items():
-        console.print(f"[red]failed to load[/red] {name}: {why}")
+        console.print(f"[red]failed to load[/red] {escape(name)}: {escape(why)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,6 +27,9 @@ class DistillConfig:
     augment: int = 100  # augmented variants per shot in the transfer set
     hidden_weight: float = 1.0  # weight of hidden-state matching (0 = logits only)
     attention_weight: float = 0.0  # weight of attention-distribution matching (off: no gain measured)
+    bf16: str = "auto"  # bf16 autocast while training: auto (where the CPU has bf16 units), on, off
+    train_embeddings: bool = False  # train the word-embedding table too (slower, overfits the shots)
+    mixup: float = 0.0  # share of steps that add a KD loss on embedding-space mixtures
     evals: int = 5  # validation checks for early stopping (0 = keep the last step)
     unlabeled: str | None = None  # optional file of raw in-domain text
     ops: str = "mask,drop,swap,mix,crop,vocab"  # augmentations, cycled over the variants
@@ -38,6 +41,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.temperature <= 0:
             raise ValueError("lr and temperature must be > 0")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
         if self.augment < 0:
             raise ValueError(f"augment must be >= 0, got {self.augment}")
 
@@ -63,6 +68,9 @@ class CompileConfig:
     max_eval: int | None = None
     calibration: str = "auto"  # static INT8 calibration: auto|minmax|entropy|percentile
     trust_remote_code: bool = False
+    export_only: bool = False  # build a target's portable files even where it cannot run
+    fallback: bool = False  # ship the better variant when the artifact fails verification
+    tolerance: float = 0.01  # accuracy the artifact may lose against the fp32 student
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:

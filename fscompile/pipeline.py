@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ from .distill import DistillStats, distill, set_seed
 from .errors import InputError, TargetUnavailable
 from .evaluate import metrics, predict
 from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher,
-                          save_torch)
+                          parse_layers, save_torch, select_layers)
 from .outdir import MANIFEST, check_out, staged
 from .profile import ProfileRequest, device_info, profile_model
 from .report import render_markdown, write_json
@@ -40,12 +42,41 @@ def _noop(stage: str, done: int, total: int, detail: str = "") -> None:
 
 
 def resolve_backend(cfg: CompileConfig) -> Backend:
-    """The target's backend, refusing now (before any work) when it cannot run here."""
+    """The target's backend, refusing now (before any work) when it cannot run here, unless
+    ``export_only`` asks for the portable files alone."""
     backend = get_backend(cfg.target)
     ok, why = backend.available()
-    if not ok:
-        raise TargetUnavailable(f"target {cfg.target!r} is not available here: {why}")
+    if not ok and not cfg.export_only:
+        raise TargetUnavailable(f"target {cfg.target!r} is not available here: {why} "
+                                "(--export-only builds its portable files without running it)")
     return backend
+
+
+def verify(cfg: CompileConfig, backend: Backend, evaluation: dict[str, Any], prof: dict[str, Any],
+           unpruned_ms: float | None) -> dict[str, Any]:
+    """Did the target really get faster, and stay accurate? Each check is stated plainly."""
+    on_target = backend.available()[0]
+    art, stu = prof["artifact"]["batch1"]["p50_ms"], prof["student"]["batch1"]["p50_ms"]
+    loss = evaluation["student"]["accuracy"] - evaluation["artifact"]["accuracy"]
+    checks = {
+        "faster_than_student": {"ok": art < stu, "artifact_ms": art, "student_fp32_ms": stu,
+                                "measured_on": backend.device if on_target else "cpu (ONNX Runtime; not the target)"},
+        "accuracy_within_tolerance": {"ok": loss <= cfg.tolerance, "loss": loss, "tolerance": cfg.tolerance},
+    }
+    if unpruned_ms is not None:
+        checks["pruning_pays"] = {"ok": art < unpruned_ms, "pruned_ms": art, "unpruned_ms": unpruned_ms}
+    failed = [k for k, v in checks.items() if not v["ok"]]
+    return {"ok": not failed, "failed": failed, "checks": checks}
+
+
+def unpruned_latency(backend: Backend, unpruned: TextModel, cal: CalibrationSet, recipe: Recipe, work: Path,
+                     vocab: int, cfg: CompileConfig) -> float:
+    """Batch-1 latency of the same student built without the sparsity pattern (weights do not
+    change latency, so it is not distilled again)."""
+    art = backend.compile(unpruned, cal, work / "unpruned", dataclasses.replace(recipe, prune=0.0))
+    req = ProfileRequest("onnx", str(art.path / art.model_file), vocab, cfg.seq_len, batches=(1,),
+                         budget_s=cfg.profile_seconds)
+    return profile_model(req)["batch1"]["p50_ms"]
 
 
 def load_data(cfg: CompileConfig) -> TaskData:
@@ -80,6 +111,21 @@ def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig) -> Tran
     ops = tuple(cfg.distill.ops.split(","))
     return build_transfer_set(task.shots, cfg.distill.augment, cfg.seed, mask, unlabeled, ops,
                               vocabulary_words(teacher.tokenizer))
+
+
+def choose_layers(teacher: TextModel, transfer: TransferSet, cfg: CompileConfig,
+                  probe_size: int = 256) -> tuple[list[int], list[dict[str, Any]] | None]:
+    """The teacher layers the student keeps: as given, or chosen by measured effect on a
+    probe drawn from the transfer set (the teacher's outputs are the target, no labels)."""
+    plan = parse_layers(cfg.student_layers, len(teacher.layers()))
+    if isinstance(plan, list):
+        return plan, None
+    rng = np.random.default_rng(cfg.seed + 2)
+    idx = sorted(rng.choice(len(transfer), size=min(probe_size, len(transfer)), replace=False).tolist())
+    texts = [transfer.texts[i] for i in idx]
+    pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
+    probe = teacher.encode(texts, pairs, max_length=cfg.distill.max_length)
+    return select_layers(teacher, plan, probe)
 
 
 def validation_set(task: TaskData, teacher: TextModel, cfg: CompileConfig, size: int = 256) -> TransferSet:
@@ -142,6 +188,35 @@ def profile_all(teacher_dir: Path, student_dir: Path, artifact: Artifact, vocab:
             for name, (kind, path) in models.items()}
 
 
+def fall_back(task: TaskData, teacher: TextModel, student: TextModel, cal: CalibrationSet, recipe: Recipe,
+              artifact: Artifact, evaluation: dict[str, Any], prof: dict[str, Any], vocab: int,
+              cfg: CompileConfig) -> tuple[Artifact, dict[str, Any], dict[str, Any]]:
+    """--fallback: build the fp32 ONNX Runtime variant of the same student and ship whichever
+    of the two is better (accuracy within tolerance first, then batch-1 latency)."""
+    fp32 = get_backend("ort-fp32")
+    tmp_dir = artifact.path.parent / "model.fp32"
+    alt = fp32.compile(student, cal, tmp_dir, recipe)
+    alt_eval = evaluate_all(task, teacher, student, fp32.load(alt), cfg.distill.max_length)
+    alt_prof = profile_model(ProfileRequest("onnx", str(alt.path / alt.model_file), vocab, cfg.seq_len,
+                                            budget_s=cfg.profile_seconds))
+
+    def key(ev: dict[str, Any], pr: dict[str, Any]) -> tuple[bool, float]:
+        ok = ev["student"]["accuracy"] - ev["artifact"]["accuracy"] <= cfg.tolerance
+        return (not ok, pr["batch1"]["p50_ms"])
+
+    new_eval = dict(evaluation, artifact=alt_eval["artifact"])
+    new_prof = dict(prof, artifact=alt_prof)
+    if key(new_eval, alt_prof) < key(evaluation, prof["artifact"]):
+        shutil.rmtree(artifact.path)
+        alt.path.rename(artifact.path)
+        alt.path = artifact.path
+        alt.info["fallback"] = f"kept ort-fp32: the {cfg.target} artifact failed verification and fp32 did better"
+        return alt, new_eval, new_prof
+    shutil.rmtree(alt.path)
+    artifact.info["fallback"] = "kept the target artifact: the fp32 variant was not better"
+    return artifact, evaluation, prof
+
+
 def _dir_mb(path: Path, pattern: str) -> float:
     return sum(p.stat().st_size for p in path.glob(pattern)) / 2**20
 
@@ -174,14 +249,17 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
     with _timed(timings, "adapt teacher", progress):
         adaptation = adapt(teacher, task, cfg)
     with _timed(timings, "derive student", progress):
-        student, keep = derive_student(teacher, cfg.student_layers)
+        transfer = transfer_set(task, teacher, cfg)
+        keep, selection = choose_layers(teacher, transfer, cfg)
+        student, keep = derive_student(teacher, keep)
+        student.info["layer_selection"] = selection
         if cfg.embedding_rank:
             student.info["embeddings"] = factorize_embeddings(student, cfg.embedding_rank)
         recipe = Recipe(prune=cfg.prune, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration)
         # The target's sparsity pattern is applied before distillation, which then serves as recovery.
+        unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
         student = backend.prepare(student, recipe)
     with _timed(timings, "distill", progress):
-        transfer = transfer_set(task, teacher, cfg)
         validation = validation_set(task, teacher, cfg) if cfg.distill.evals else None
         stats: DistillStats = distill(
             teacher, student, transfer, keep, cfg.distill, cfg.seed,
@@ -194,11 +272,19 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
             artifact = backend.compile(student, cal, stage / "model", recipe)
         with _timed(timings, "evaluate", progress):
             evaluation = evaluate_all(task, teacher, student, backend.load(artifact), cfg.distill.max_length)
+        vocab = teacher.tokenizer.vocab_size
         with _timed(timings, "profile", progress):
             save_torch(teacher, work / "teacher")
             save_torch(student, work / "student")
-            prof = profile_all(work / "teacher", work / "student", artifact, teacher.tokenizer.vocab_size,
-                               cfg.seq_len, cfg.profile_seconds)
+            prof = profile_all(work / "teacher", work / "student", artifact, vocab, cfg.seq_len, cfg.profile_seconds)
+        with _timed(timings, "verify", progress):
+            unpruned_ms = (unpruned_latency(backend, unpruned, cal, recipe, work, vocab, cfg)
+                           if unpruned is not None and backend.available()[0] else None)
+            verification = verify(cfg, backend, evaluation, prof, unpruned_ms)
+            if cfg.fallback and not verification["ok"]:
+                artifact, evaluation, prof = fall_back(task, teacher, student, cal, recipe, artifact, evaluation,
+                                                       prof, vocab, cfg)
+                verification["fallback"] = artifact.info.get("fallback")
         sizes = {"teacher": _dir_mb(work / "teacher", "*.safetensors"),
                  "student": _dir_mb(work / "student", "*.safetensors"),
                  "artifact": _dir_mb(artifact.path, "*.onnx")}
@@ -209,18 +295,21 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
             "fscompile_version": _version(),
             "fingerprint": cfg.fingerprint(),
             "config": cfg.to_dict(),
-            "target": {"name": backend.name, "device": backend.device, "precision": artifact.precision},
+            "target": {"name": backend.name, "device": backend.device, "precision": artifact.precision,
+                       "export_only": cfg.export_only and not backend.available()[0]},
             "teacher": {**teacher.info, "source": teacher.source, "label_names": teacher.label_names,
                         "adaptation": adaptation},
             "data": {"source": task.source, "columns": task.columns, "label_names": task.label_names,
                      "shot_split": task.shot_split, "shot_indices": task.shot_indices,
                      "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval)},
             "student": {"layers_kept": keep, "prepare": student.info.get("prepare"),
-                        "embeddings": student.info.get("embeddings"), "parameters": params["student"]},
+                        "embeddings": student.info.get("embeddings"),
+                        "layer_selection": student.info.get("layer_selection"), "parameters": params["student"]},
             "distillation": {**dataclasses.asdict(stats),
                              "transfer_origin": {o: transfer.origin.count(o) for o in sorted(set(transfer.origin))}},
             "artifact": {"dir": "model", "model_file": artifact.model_file, **artifact.info},
             "metrics": evaluation,
+            "verification": verification,
             "profile": prof,
             "size_mb": sizes,
             "parameters": params,

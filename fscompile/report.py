@@ -38,6 +38,30 @@ HEADER = ("| model | accuracy | macro-F1 | agree | params (M) | MB | × smaller 
           "| b8 p50 ms | samples/s (b8) | × faster (b1) | peak RSS MB |")
 
 
+def verification_lines(v: dict[str, Any] | None) -> list[str]:
+    """Plain statements of whether the target got faster and stayed accurate."""
+    if not v:
+        return []
+    c = v["checks"]
+    out = ["", "## Verification", ""]
+    f = c["faster_than_student"]
+    out.append(f"- {'PASS' if f['ok'] else 'FAIL'}: artifact {f['artifact_ms']:.2f} ms vs fp32 student "
+               f"{f['student_fp32_ms']:.2f} ms at batch 1, measured on {f['measured_on']}.")
+    a = c["accuracy_within_tolerance"]
+    out.append(f"- {'PASS' if a['ok'] else 'FAIL'}: accuracy lost against the fp32 student {a['loss']:+.4f} "
+               f"(tolerance {a['tolerance']:.4f}).")
+    if "pruning_pays" in c:
+        p = c["pruning_pays"]
+        out.append(f"- {'PASS' if p['ok'] else 'FAIL'}: pruned artifact {p['pruned_ms']:.2f} ms vs the same "
+                   f"artifact unpruned {p['unpruned_ms']:.2f} ms"
+                   + ("" if p["ok"] else ": the sparsity bought nothing on this device; consider --prune 0") + ".")
+    if v.get("fallback"):
+        out.append(f"- Fallback: {v['fallback']}.")
+    elif v["failed"]:
+        out.append("- Verification failed; --fallback would ship the better variant instead.")
+    return out
+
+
 def render_markdown(m: dict[str, Any]) -> str:
     cfg, data = m["config"], m["data"]
     lines = [
@@ -80,6 +104,7 @@ def render_markdown(m: dict[str, Any]) -> str:
                      f"{art['calibration_samples']} samples calibrated the static candidate.")
     if art.get("fusion_skipped"):
         lines.append(f"- Attention fusion skipped: {art['fusion_skipped']}")
+    lines += verification_lines(m.get("verification"))
     t = m["timings_s"]
     lines += ["", "Compile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
     return "\n".join(lines)

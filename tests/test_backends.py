@@ -25,7 +25,7 @@ def test_unknown_target_suggests_close_match():
 
 @pytest.fixture(scope="module")
 def student(tiny_teacher):
-    s, _ = derive_student(load_teacher(str(tiny_teacher)), "2")
+    s, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
     return s
 
 
@@ -55,6 +55,8 @@ def test_ort_int8_artifact_loads_with_plain_onnxruntime(student, tmp_path):
     cal = _calib(student)
     art = get_backend("ort-int8").compile(student, cal, tmp_path / "int8", Recipe())
     assert art.info["variant"] in art.info["candidates"]
+    assert {"dynamic-per-channel", "static-qdq-minmax", "static-qdq-entropy", "static-qdq-percentile"} \
+        == set(art.info["candidates"]), art.info["errors"]
     assert art.info["calibration_samples"] == cal.num_calibration_samples > 0
     assert {"config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in art.path.iterdir()}
     tok = AutoTokenizer.from_pretrained(art.path)
@@ -69,6 +71,6 @@ def test_ort_int8_artifact_loads_with_plain_onnxruntime(student, tmp_path):
 
 
 def test_prepare_prunes_ffn(tiny_teacher):
-    s, _ = derive_student(load_teacher(str(tiny_teacher)), "2")
+    s, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
     get_backend("ort-int8").prepare(s, Recipe(prune=0.5))
     assert s.info["prepare"]["ffn_channels_after"] == 2 * 32

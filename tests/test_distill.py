@@ -45,8 +45,9 @@ def test_transfer_set_contents():
 
 
 def test_parse_layers():
+    assert parse_layers("every-other", 6) == [1, 3, 5]
     assert parse_layers(None, 6) == [1, 3, 5]
-    assert parse_layers("2", 6) == [2, 5]
+    assert parse_layers("2", 6) == 2
     assert parse_layers("0,2,4", 6) == [0, 2, 4]
 
 
@@ -61,7 +62,7 @@ def test_student_copies_teacher_layers(tiny_teacher):
 
 
 def test_prune_ffn_shrinks_matrices(tiny_teacher):
-    student, _ = derive_student(load_teacher(str(tiny_teacher)), None)
+    student, _ = derive_student(load_teacher(str(tiny_teacher)), "every-other")
     info = prune_ffn(student, 0.25)
     assert info["ffn_channels_after"] == 2 * 48
     assert student.layers()[0].intermediate.dense.weight.shape == (48, 32)
@@ -74,7 +75,7 @@ def test_distillation_moves_student_towards_teacher(tiny_headless):
     torch.manual_seed(0)
     with torch.no_grad():  # a large random head: an opinionated, input-dependent teacher
         teacher.module.head.weight.copy_(torch.randn_like(teacher.module.head.weight) * 20)
-    student, keep = derive_student(teacher, "1")
+    student, keep = derive_student(teacher, [3])
     with torch.no_grad():  # random tiny layers barely act: perturb the student so there is a gap
         for p in student.layers().parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -95,7 +96,7 @@ def test_distillation_moves_student_towards_teacher(tiny_headless):
 def test_distillation_is_deterministic(tiny_teacher):
     def once():
         teacher = load_teacher(str(tiny_teacher))
-        student, keep = derive_student(teacher, "2")
+        student, keep = derive_student(teacher, [2])
         ts = build_transfer_set(SHOTS, per_shot=2, seed=0, mask_token="[MASK]")
         distill(teacher, student, ts, keep, DistillConfig(steps=5, batch_size=4), seed=3)
         return student.layers()[0].attention.self.query.weight.detach().clone()
@@ -106,7 +107,7 @@ def test_distillation_is_deterministic(tiny_teacher):
 def test_factorized_embeddings_roundtrip(tiny_teacher, tmp_path):
     from fscompile.models.text import FactorizedEmbedding, factorize_embeddings, load_torch, save_torch
 
-    student, _ = derive_student(load_teacher(str(tiny_teacher)), "2")
+    student, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
     full = student.module.base.get_input_embeddings().weight.detach().clone()
     info = factorize_embeddings(student, 28)  # most of the energy of a 32-wide embedding
     emb = student.module.base.get_input_embeddings()
@@ -118,3 +119,15 @@ def test_factorized_embeddings_roundtrip(tiny_teacher, tmp_path):
     x = student.encode(["great film", "a dull film"])
     with torch.no_grad():
         assert torch.allclose(again.module(**x).logits, student.module(**x).logits, atol=1e-6)
+
+
+def test_select_layers_by_measured_effect(tiny_teacher):
+    from fscompile.models.text import select_layers
+
+    teacher = load_teacher(str(tiny_teacher))
+    with torch.no_grad():  # make layer 1 decisive: the selection must keep it
+        teacher.layers()[1].output.dense.weight.mul_(200.0)
+    probe = teacher.encode([s.text for s in SHOTS] * 4)
+    keep, trace = select_layers(teacher, 2, probe)
+    assert len(keep) == 2 and 1 in keep and len(trace) == 2
+    assert all(t["dropped"] != 1 for t in trace)

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def pad_batch(enc: dict[str, list[list[int]]], idx: Sequence[int], names: list[str], pad_id: int
-              ) -> dict[str, np.ndarray]:
-    """Rows ``idx`` of a tokenizer's un-padded output, right-padded to their longest member."""
-    width = max(len(enc["input_ids"][i]) for i in idx)
+def pad_batch(enc: dict[str, list[list[int]]], idx: Sequence[int], names: list[str], pad_id: int,
+              width: int | None = None) -> dict[str, np.ndarray]:
+    """Rows ``idx`` of a tokenizer's un-padded output, right-padded to their longest member
+    (or to ``width``)."""
+    width = width or max(len(enc["input_ids"][i]) for i in idx)
     return {k: np.array([enc[k][i] + [pad_id if k == "input_ids" else 0] * (width - len(enc[k][i]))
                          for i in idx], dtype=np.int64) for k in names}
 
