@@ -22,7 +22,7 @@ def test_help_of_every_command():
 
 def test_targets_lists_availability():
     r = run(["targets", "--json"])
-    rows = {t["name"]: t for t in json.loads(r.output)["targets"]}
+    rows = {t["name"]: t for t in json.loads(r.stdout)["targets"]}
     assert rows["ort-int8"]["available"] is True and "int8" in rows["ort-int8"]["precisions"]
 
 
@@ -30,7 +30,7 @@ def test_compile_end_to_end_with_headless_teacher(tiny_headless, tmp_path):
     out = tmp_path / "run"
     r = run([str(tiny_headless), "--shots", "4", "--out", str(out), "--json", *FAST])
     assert r.exit_code == 0, r.output
-    manifest = json.loads(r.output)
+    manifest = json.loads(r.stdout)
     assert (out / "manifest.json").is_file() and (out / "report.md").is_file()
     assert (out / "model" / "model.onnx").is_file()
     assert manifest["teacher"]["adaptation"]["method"].startswith("logistic-regression")
@@ -81,6 +81,6 @@ def test_sst2_teacher_end_to_end(shared, tmp_path):
     r = run([str(shared / "teachers/minilm-sst2"), "--data", str(shared / "data/glue_sst2"), "--shots", "4",
              "--max-eval", "64", "--out", str(out), "--json", *FAST])
     assert r.exit_code == 0, r.output
-    m = json.loads(r.output)
+    m = json.loads(r.stdout)
     assert m["metrics"]["teacher"]["accuracy"] > 0.8  # the fine-tuned teacher itself
     assert m["data"]["eval_split"] == "dev"

@@ -125,6 +125,6 @@ def test_trt_target_refused_without_export_only(tiny_teacher, tmp_path):
     assert r.exit_code == 4 and "--export-only" in r.output and not (tmp_path / "o").exists()
     r = CliRunner().invoke(main, [*args, "--export-only", "--json"])
     assert r.exit_code == 0, r.output
-    m = json.loads(r.output)
+    m = json.loads(r.stdout)
     assert m["target"]["export_only"] and m["artifact"]["engine"] is None
     assert "not the target" in m["verification"]["checks"]["faster_than_student"]["measured_on"]
