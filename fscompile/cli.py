@@ -176,5 +176,75 @@ def targets_cmd(as_json: bool) -> None:
         console.print(f"[red]failed to load[/red] {escape(name)}: {escape(why)}")
 
 
+def _csv(kind):
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+    return convert
+
+
+@main.command("bench")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A YAML or TOML sweep file (same keys as the flags).")
+@click.option("--teacher", help="Teacher (as for compile). [default: minilm]")
+@click.option("--data", help="Data spec (as for compile). [default: embedded]")
+@click.option("--targets", callback=_csv(str), help="Targets, comma-separated. [default: ort-int8]")
+@click.option("--shots", callback=_csv(int), help="Shots per class, comma-separated. [default: 5,10,20]")
+@click.option("--seeds", type=int, help="Shot draws per shot count (seeds 0..N-1). [default: 5]")
+@click.option("--steps", type=int, help="Distillation steps per draw. [default: 1000]")
+@click.option("--prune", type=float, help="Pruning rate applied per target with a short recovery. [default: 0.2]")
+@click.option("--max-eval", type=int, help="Evaluate on at most this many rows.")
+@click.option("--profile-seconds", type=float, help="Profiling budget per model and batch size. [default: 3]")
+@click.option("--no-peers", is_flag=True, help="Skip the peer pipelines.")
+@click.option("--jobs", default=1, show_default=True, type=int, help="Shot draws run in parallel processes.")
+@click.option("--ray", "use_ray", is_flag=True, help="Run each shot draw as a Ray task (RAY_ADDRESS for a cluster).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
+              help="Results directory (resumes what is already there).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench_cmd(config_file: str | None, no_peers: bool, jobs: int, use_ray: bool, out: Path, debug: bool,
+              **flags: Any) -> None:
+    """Run a sweep of shots x seeds x targets beside the peers; write results.jsonl (resumable),
+    table.md, table.csv and pareto.png."""
+    _quiet_libraries()
+    from .bench import Sweep, run_sweep
+
+    try:
+        flags = {k: v for k, v in flags.items() if v is not None}
+        if no_peers:
+            flags["peers"] = False
+        sweep = Sweep.from_file(config_file, **flags) if config_file else Sweep(**flags)
+        if jobs < 1:
+            raise click.UsageError("--jobs must be >= 1")
+        with contextlib.redirect_stdout(sys.stderr):
+            run_sweep(sweep, out, jobs=jobs, use_ray=use_ray, echo=lambda m: click.echo(m, err=True))
+    except click.UsageError:
+        raise
+    except BaseException as e:
+        if isinstance(e, SystemExit):
+            raise
+        _fail(e, debug)
+        return
+    click.echo((out / "table.md").read_text())
+
+
+@main.command("report")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Where to write the tables [default: the first DIR].")
+def report_cmd(dirs: tuple[Path, ...], out: Path | None) -> None:
+    """Rebuild table.md, table.csv and pareto.png from the results.jsonl of one or more DIRs."""
+    from .bench import load_results, write_tables
+
+    try:
+        rows = load_results(list(dirs))
+        target = out or dirs[0]
+        target.mkdir(parents=True, exist_ok=True)
+        click.echo(write_tables(rows, target))
+    except FscompileError as e:
+        _fail(e, False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

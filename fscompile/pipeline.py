@@ -30,7 +30,7 @@ from .evaluate import metrics, predict
 from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher,
                           parse_layers, save_torch, select_layers)
 from .outdir import MANIFEST, check_out, staged
-from .profile import ProfileRequest, device_info, profile_model
+from .profile import ProfileRequest, device_info, peak_rss_mb, profile_model
 from .report import render_markdown, write_json
 
 # progress(stage, done, total, detail): the CLI draws bars, the API may pass None.
@@ -180,11 +180,11 @@ def evaluate_all(task: TaskData, teacher: TextModel, student: TextModel, artifac
 
 
 def profile_all(teacher_dir: Path, student_dir: Path, artifact: Artifact, vocab: int,
-                seq_len: int, budget_s: float) -> dict[str, dict[str, Any]]:
+                seq_len: int, budget_s: float, real_len: int | None = None) -> dict[str, dict[str, Any]]:
     """Latency and peak memory of each model, each in a fresh process."""
     models = {"teacher": ("torch", teacher_dir), "student": ("torch", student_dir),
               "artifact": ("onnx", artifact.path / artifact.model_file)}
-    return {name: profile_model(ProfileRequest(kind, str(path), vocab, seq_len, budget_s=budget_s))
+    return {name: profile_model(ProfileRequest(kind, str(path), vocab, seq_len, budget_s=budget_s, real_len=real_len))
             for name, (kind, path) in models.items()}
 
 
@@ -230,17 +230,25 @@ def _timed(timings: dict[str, float], name: str, progress: Progress) -> Iterator
     progress(name, 1, 1, "")
 
 
-def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Compile ``cfg`` into ``out`` and return the manifest. Nothing is written on failure."""
-    progress = progress or _noop
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = Path(out)
-    check_out(out, cfg.fingerprint(), force)
-    backend = resolve_backend(cfg)
-    set_seed(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+@dataclasses.dataclass
+class Distilled:
+    """Everything up to and including distillation: what every target build starts from."""
 
+    task: TaskData
+    teacher: TextModel
+    student: TextModel
+    keep: list[int]
+    transfer: TransferSet
+    stats: DistillStats
+    adaptation: dict[str, Any] | None
+    unpruned: TextModel | None
+    timings: dict[str, float]
+
+
+def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
+    """Load, adapt, derive, (apply ``backend``'s sparsity pattern), distill."""
+    timings: dict[str, float] = {}
+    set_seed(cfg.seed)
     with _timed(timings, "load data", progress):
         task = load_data(cfg)
     with _timed(timings, "load teacher", progress):
@@ -248,6 +256,7 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
         task = to_teacher_labels(task, teacher)
     with _timed(timings, "adapt teacher", progress):
         adaptation = adapt(teacher, task, cfg)
+    unpruned = None
     with _timed(timings, "derive student", progress):
         transfer = transfer_set(task, teacher, cfg)
         keep, selection = choose_layers(teacher, transfer, cfg)
@@ -255,31 +264,59 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
         student.info["layer_selection"] = selection
         if cfg.embedding_rank:
             student.info["embeddings"] = factorize_embeddings(student, cfg.embedding_rank)
-        recipe = Recipe(prune=cfg.prune, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration)
-        # The target's sparsity pattern is applied before distillation, which then serves as recovery.
-        unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
-        student = backend.prepare(student, recipe)
+        if backend is not None:
+            # The sparsity pattern goes in before distillation, which then serves as recovery.
+            unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
+            student = backend.prepare(student, _recipe(cfg))
     with _timed(timings, "distill", progress):
         validation = validation_set(task, teacher, cfg) if cfg.distill.evals else None
-        stats: DistillStats = distill(
-            teacher, student, transfer, keep, cfg.distill, cfg.seed,
-            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"), validation=validation)
+        stats = distill(teacher, student, transfer, keep, cfg.distill, cfg.seed,
+                        progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
+                        validation=validation)
+    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings)
 
-    with staged(out) as stage, tempfile.TemporaryDirectory(prefix="fscompile-work-") as work_s:
+
+def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps: int,
+             progress: Progress) -> Distilled:
+    """A copy of a target-agnostic distilled student with ``backend``'s sparsity pattern and a
+    short recovery distillation (masks fixed): one distillation serves many targets."""
+    if cfg.prune <= 0:
+        return d
+    student = backend.prepare(copy.deepcopy(d.student), _recipe(cfg))
+    timings = dict(d.timings)
+    with _timed(timings, "recover", progress):
+        rcfg = dataclasses.replace(cfg.distill, steps=recovery_steps, evals=0)
+        distill(d.teacher, student, d.transfer, d.keep, rcfg, cfg.seed)
+    return dataclasses.replace(d, student=student, unpruned=d.student, timings=timings)
+
+
+def _recipe(cfg: CompileConfig) -> Recipe:
+    return Recipe(prune=cfg.prune, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration)
+
+
+def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progress: Progress,
+          start: float) -> dict[str, Any]:
+    """Compile, evaluate, profile and verify into ``out``; returns the manifest (also written)."""
+    timings = dict(d.timings)
+    task, teacher, student = d.task, d.teacher, d.student
+    recipe = _recipe(cfg)
+    with tempfile.TemporaryDirectory(prefix="fscompile-work-") as work_s:
         work = Path(work_s)
         with _timed(timings, "compile", progress):
-            cal = calibration_set(student, transfer, cfg)
-            artifact = backend.compile(student, cal, stage / "model", recipe)
+            cal = calibration_set(student, d.transfer, cfg)
+            artifact = backend.compile(student, cal, out / "model", recipe)
         with _timed(timings, "evaluate", progress):
             evaluation = evaluate_all(task, teacher, student, backend.load(artifact), cfg.distill.max_length)
         vocab = teacher.tokenizer.vocab_size
+        real_len = real_seq_len(task, student, cfg.distill.max_length)
         with _timed(timings, "profile", progress):
             save_torch(teacher, work / "teacher")
             save_torch(student, work / "student")
-            prof = profile_all(work / "teacher", work / "student", artifact, vocab, cfg.seq_len, cfg.profile_seconds)
+            prof = profile_all(work / "teacher", work / "student", artifact, vocab, cfg.seq_len,
+                               cfg.profile_seconds, real_len)
         with _timed(timings, "verify", progress):
-            unpruned_ms = (unpruned_latency(backend, unpruned, cal, recipe, work, vocab, cfg)
-                           if unpruned is not None and backend.available()[0] else None)
+            unpruned_ms = (unpruned_latency(backend, d.unpruned, cal, recipe, work, vocab, cfg)
+                           if d.unpruned is not None and backend.available()[0] else None)
             verification = verify(cfg, backend, evaluation, prof, unpruned_ms)
             if cfg.fallback and not verification["ok"]:
                 artifact, evaluation, prof = fall_back(task, teacher, student, cal, recipe, artifact, evaluation,
@@ -288,38 +325,61 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
         sizes = {"teacher": _dir_mb(work / "teacher", "*.safetensors"),
                  "student": _dir_mb(work / "student", "*.safetensors"),
                  "artifact": _dir_mb(artifact.path, "*.onnx")}
-        params = {"teacher": teacher.num_parameters(), "student": student.num_parameters(),
-                  "artifact": student.num_parameters()}
-        timings["total"] = round(time.perf_counter() - start, 2)
-        manifest = {
-            "fscompile_version": _version(),
-            "fingerprint": cfg.fingerprint(),
-            "config": cfg.to_dict(),
-            "target": {"name": backend.name, "device": backend.device, "precision": artifact.precision,
-                       "export_only": cfg.export_only and not backend.available()[0]},
-            "teacher": {**teacher.info, "source": teacher.source, "label_names": teacher.label_names,
-                        "adaptation": adaptation},
-            "data": {"source": task.source, "columns": task.columns, "label_names": task.label_names,
-                     "shot_split": task.shot_split, "shot_indices": task.shot_indices,
-                     "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval)},
-            "student": {"layers_kept": keep, "prepare": student.info.get("prepare"),
-                        "embeddings": student.info.get("embeddings"),
-                        "layer_selection": student.info.get("layer_selection"), "parameters": params["student"]},
-            "distillation": {**dataclasses.asdict(stats),
-                             "transfer_origin": {o: transfer.origin.count(o) for o in sorted(set(transfer.origin))}},
-            "artifact": {"dir": "model", "model_file": artifact.model_file, **artifact.info},
-            "metrics": evaluation,
-            "verification": verification,
-            "profile": prof,
-            "size_mb": sizes,
-            "parameters": params,
-            "compression": {"size_ratio_vs_teacher": sizes["teacher"] / sizes["artifact"],
-                            "parameter_ratio_vs_teacher": params["teacher"] / params["student"]},
-            "device": device_info(),
-            "timings_s": timings,
-        }
-        write_json(stage / MANIFEST, manifest)
-        (stage / "report.md").write_text(render_markdown(manifest))
+    params = {"teacher": teacher.num_parameters(), "student": student.num_parameters(),
+              "artifact": student.num_parameters()}
+    timings["total"] = round(time.perf_counter() - start, 2)
+    manifest = {
+        "fscompile_version": _version(),
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "target": {"name": backend.name, "device": backend.device, "precision": artifact.precision,
+                   "export_only": cfg.export_only and not backend.available()[0]},
+        "teacher": {**teacher.info, "source": teacher.source, "label_names": teacher.label_names,
+                    "adaptation": d.adaptation},
+        "data": {"source": task.source, "columns": task.columns, "label_names": task.label_names,
+                 "shot_split": task.shot_split, "shot_indices": task.shot_indices,
+                 "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval),
+                 "real_seq_len": real_len},
+        "student": {"layers_kept": d.keep, "prepare": student.info.get("prepare"),
+                    "embeddings": student.info.get("embeddings"),
+                    "layer_selection": student.info.get("layer_selection"), "parameters": params["student"]},
+        "distillation": {**dataclasses.asdict(d.stats),
+                         "transfer_origin": {o: d.transfer.origin.count(o) for o in sorted(set(d.transfer.origin))}},
+        "artifact": {"dir": "model", "model_file": artifact.model_file, **artifact.info},
+        "metrics": evaluation,
+        "verification": verification,
+        "profile": prof,
+        "size_mb": sizes,
+        "parameters": params,
+        "compression": {"size_ratio_vs_teacher": sizes["teacher"] / sizes["artifact"],
+                        "parameter_ratio_vs_teacher": params["teacher"] / params["student"]},
+        "device": device_info(),
+        "compile_peak_rss_mb": peak_rss_mb(),
+        "timings_s": timings,
+    }
+    write_json(out / MANIFEST, manifest)
+    (out / "report.md").write_text(render_markdown(manifest))
+    return manifest
+
+
+def real_seq_len(task: TaskData, model: TextModel, max_length: int) -> int:
+    """The median tokenised length of the evaluation inputs: latency at the data's real size."""
+    sample = task.eval[:512]
+    enc = model.tokenizer([e.text for e in sample], [e.text_pair or "" for e in sample] if task.is_pair else None,
+                          truncation=True, max_length=max_length)
+    return int(np.median([len(x) for x in enc["input_ids"]]))
+
+
+def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Compile ``cfg`` into ``out`` and return the manifest. Nothing is written on failure."""
+    progress = progress or _noop
+    start = time.perf_counter()
+    out = Path(out)
+    check_out(out, cfg.fingerprint(), force)
+    backend = resolve_backend(cfg)
+    d = distill_stage(cfg, backend, progress)
+    with staged(out) as stage:
+        manifest = build(d, backend, cfg, stage, progress, start)
     manifest["out_dir"] = str(out.resolve())
     return manifest
 

@@ -104,7 +104,7 @@ def synthetic_inputs(names: list[str], batch: int, seq_len: int, vocab: int, see
     return {k: out[k] for k in names}
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process. VmHWM starts afresh at exec; ru_maxrss would
     carry the forking parent's peak into the child."""
     try:
@@ -119,7 +119,7 @@ def _peak_rss_mb() -> float:
 def _run_request(req: dict[str, Any]) -> dict[str, Any]:
     """Executed in the child: load one model, time it, report memory."""
     threads = int(req["threads"])
-    base_rss = _peak_rss_mb()
+    base_rss = peak_rss_mb()
     if req["kind"] == "onnx":
         import onnxruntime as ort
 
@@ -131,8 +131,8 @@ def _run_request(req: dict[str, Any]) -> dict[str, Any]:
         load_s = time.perf_counter() - t0
         names = [i.name for i in sess.get_inputs()]
 
-        def make(b):
-            feed = synthetic_inputs(names, b, req["seq_len"], req["vocab"])
+        def make(b, n):
+            feed = synthetic_inputs(names, b, n, req["vocab"])
             return lambda: sess.run(None, feed)
     else:
         import torch
@@ -140,26 +140,31 @@ def _run_request(req: dict[str, Any]) -> dict[str, Any]:
         from .models.text import load_torch
 
         torch.set_num_threads(threads)
-        base_rss = _peak_rss_mb()
+        base_rss = peak_rss_mb()
         t0 = time.perf_counter()
         model = load_torch(Path(req["path"]))
         load_s = time.perf_counter() - t0
         names = model.input_names
 
-        def make(b):
-            feed = {k: torch.from_numpy(v) for k, v in
-                    synthetic_inputs(names, b, req["seq_len"], req["vocab"]).items()}
+        def make(b, n):
+            feed = {k: torch.from_numpy(v) for k, v in synthetic_inputs(names, b, n, req["vocab"]).items()}
 
             def run():
                 with torch.inference_mode():
                     model.module(**feed)
             return run
-    result: dict[str, Any] = {"load_s": load_s, "threads": threads}
+    result: dict[str, Any] = {"load_s": load_s, "threads": threads, "seq_len": req["seq_len"]}
     for b in req["batches"]:
-        lat = latency(make(b), budget_s=req.get("budget_s", 3.0))
+        cpu0 = time.process_time()
+        lat = latency(make(b, req["seq_len"]), budget_s=req.get("budget_s", 3.0))
         lat["throughput_per_s"] = b * 1e3 / lat["p50_ms"]
+        # CPU time (all threads) per sample: what the model costs a shared machine
+        lat["cpu_ms_per_sample"] = (time.process_time() - cpu0) * 1e3 / (b * (lat["reps"] + 3))
         result[f"batch{b}"] = lat
-    result["peak_rss_mb"] = _peak_rss_mb()
+    if req.get("real_len"):
+        lat = latency(make(1, req["real_len"]), budget_s=req.get("budget_s", 3.0))
+        result["real"] = {"seq_len": req["real_len"], "batch1": lat}
+    result["peak_rss_mb"] = peak_rss_mb()
     result["runtime_baseline_rss_mb"] = base_rss
     return result
 
@@ -173,6 +178,7 @@ class ProfileRequest:
     batches: tuple[int, ...] = (1, 8)
     threads: int = 0  # 0 = physical cores
     budget_s: float = 3.0
+    real_len: int | None = None  # also time batch 1 at the data's median length
 
 
 def profile_model(req: ProfileRequest, timeout_s: float = 600) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""The pipelines a user would otherwise run on the same teacher: built, evaluated and
+profiled the same way as fscompile's artifacts, so ratios are computed within one run."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.onnxruntime import OrtInt8Backend, OrtRunner, fuse
+from .calibration import CalibrationSet
+from .data import TaskData
+from .evaluate import metrics, predict
+from .models.text import TextModel, export_onnx, save_torch
+from .pipeline import torch_runner
+from .profile import ProfileRequest, profile_model
+
+PEERS = ("teacher PyTorch fp32", "teacher ORT fp32", "teacher ORT dynamic INT8",
+         "teacher fused + ORT dynamic INT8", "teacher ORT static INT8")
+
+
+def _row(name: str, logits: np.ndarray, task: TaskData, ref: np.ndarray, size_mb: float, prof: dict[str, Any],
+         build_s: float) -> dict[str, Any]:
+    labels = np.array([e.label for e in task.eval])
+    return {"system": name, "kind": "peer", **metrics(logits, labels, ref), "size_mb": size_mb,
+            "profile": prof, "build_s": build_s}
+
+
+def build_peers(teacher: TextModel, task: TaskData, cal: CalibrationSet, seq_len: int, budget_s: float,
+                real_len: int | None, max_length: int = 128) -> list[dict[str, Any]]:
+    """One row per peer pipeline (see :data:`PEERS`)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import onnx
+
+    vocab = teacher.tokenizer.vocab_size
+    names = teacher.input_names
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fscompile-peers-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        save_torch(teacher, work / "torch")
+        t_logits = predict(torch_runner(teacher), teacher.tokenizer, names, task.eval, max_length)
+        ref = t_logits.argmax(-1)
+        prof = profile_model(ProfileRequest("torch", str(work / "torch"), vocab, seq_len, budget_s=budget_s,
+                                            real_len=real_len))
+        size = sum(p.stat().st_size for p in (work / "torch").glob("*.safetensors")) / 2**20
+        rows.append(_row(PEERS[0], t_logits, task, ref, size, prof, time.perf_counter() - t))
+
+        def onnx_peer(name: str, build) -> None:
+            start = time.perf_counter()
+            path = build()
+            built = time.perf_counter() - start
+            logits = predict(OrtRunner(path), teacher.tokenizer, names, task.eval, max_length)
+            prof = profile_model(ProfileRequest("onnx", str(path), vocab, seq_len, budget_s=budget_s,
+                                                real_len=real_len))
+            rows.append(_row(name, logits, task, ref, path.stat().st_size / 2**20, prof, built))
+
+        raw = work / "raw.onnx"
+
+        def export() -> Path:
+            export_onnx(teacher, raw)
+            return raw
+
+        def dynamic(src: Path, dst: Path, fused: bool) -> Path:
+            extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {}
+            quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, extra_options=extra)
+            return dst
+
+        def fused_dynamic() -> Path:
+            fuse(raw, work / "fused.onnx", teacher)
+            return dynamic(work / "fused.onnx", work / "fused-int8.onnx", True)
+
+        def static() -> Path:
+            OrtInt8Backend._preprocess(raw, work / "pre.onnx")
+            OrtInt8Backend._static(work / "pre.onnx", work / "static.onnx", cal, teacher, "minmax")
+            return work / "static.onnx"
+
+        onnx_peer(PEERS[1], export)
+        onnx_peer(PEERS[2], lambda: dynamic(raw, work / "dyn.onnx", False))
+        onnx_peer(PEERS[3], fused_dynamic)
+        onnx_peer(PEERS[4], static)
+    return rows
