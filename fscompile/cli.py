@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -67,6 +68,10 @@ def _fail(e: BaseException, debug: bool) -> None:
     if isinstance(e, KeyboardInterrupt):
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
+    if isinstance(e, OSError):  # disk full, permissions, vanished files: the system's words, one line
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        click.echo(f"error: {what}{f' ({e.filename})' if e.filename else ''}; nothing was written", err=True)
+        sys.exit(5)
     click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
     sys.exit(1)
 

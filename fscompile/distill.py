@@ -31,6 +31,7 @@ class DistillStats:
     layer_map: list[tuple[int, int]] = field(default_factory=list)
     best_step: int = 0
     validation: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: str | None = None
 
 
 def set_seed(seed: int) -> None:

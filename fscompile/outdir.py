@@ -13,6 +13,28 @@ from .errors import InputError
 MANIFEST = "manifest.json"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Remove staging directories left beside ``out`` by a process that was killed (kill -9)."""
+    for tmp in out.parent.glob(f".{out.name}.fscompile-*-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if ".fscompile-old-" in tmp.name and not out.exists():
+            tmp.rename(out)  # killed between the two renames: the previous run comes back
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_out(out: Path, fingerprint: str, force: bool) -> None:
     """Refuse an ``--out`` that holds something else, unless ``force``; fail before any work."""
     if out.exists() and not out.is_dir():
@@ -29,9 +51,10 @@ def check_out(out: Path, fingerprint: str, force: bool) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"cannot create {parent}: {e.strerror}") from None
+        raise InputError(f"--out {out}: cannot create {parent}: {e.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise InputError(f"--out {out}: {parent} is not writable")
+    clean_stale(out)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -27,7 +30,7 @@ from .data import Example, TaskData, load_task_data, load_unlabeled
 from .distill import DistillStats, distill, set_seed
 from .errors import InputError, TargetUnavailable
 from .evaluate import metrics, predict
-from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher,
+from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher, load_torch,
                           parse_layers, save_torch, select_layers)
 from .outdir import MANIFEST, check_out, staged
 from .profile import ProfileRequest, device_info, peak_rss_mb, profile_model
@@ -243,6 +246,7 @@ class Distilled:
     adaptation: dict[str, Any] | None
     unpruned: TextModel | None
     timings: dict[str, float]
+    checkpoint: Path | None = None
 
 
 def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
@@ -268,12 +272,47 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
             # The sparsity pattern goes in before distillation, which then serves as recovery.
             unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
             student = backend.prepare(student, _recipe(cfg))
+    ckpt = checkpoint_dir(cfg, backend)
     with _timed(timings, "distill", progress):
-        validation = validation_set(task, teacher, cfg) if cfg.distill.evals else None
-        stats = distill(teacher, student, transfer, keep, cfg.distill, cfg.seed,
-                        progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
-                        validation=validation)
-    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings)
+        if (ckpt / "stats.json").is_file():  # an interrupted run got this far: resume
+            student, stats = load_checkpoint(ckpt)
+            progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
+        else:
+            validation = validation_set(task, teacher, cfg) if cfg.distill.evals else None
+            stats = distill(teacher, student, transfer, keep, cfg.distill, cfg.seed,
+                            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
+                            validation=validation)
+            save_checkpoint(ckpt, student, stats)
+    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt)
+
+
+def checkpoint_dir(cfg: CompileConfig, backend: Backend | None) -> Path:
+    """Where the distilled student of this exact configuration is checkpointed."""
+    root = Path(os.environ.get("FSCOMPILE_CACHE", Path.home() / ".cache" / "fscompile"))
+    return root / "checkpoints" / f"{cfg.fingerprint()}-{backend.name if backend else 'agnostic'}"
+
+
+INFO_KEYS = ("prepare", "layer_selection", "embeddings")
+
+
+def save_checkpoint(ckpt: Path, student: TextModel, stats: DistillStats) -> None:
+    """Distilled student + stats, written beside and renamed into place (never half-written)."""
+    tmp = ckpt.with_name(ckpt.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_torch(student, tmp / "student")
+    info = {k: student.info.get(k) for k in INFO_KEYS}
+    write_json(tmp / "info.json", info)
+    write_json(tmp / "stats.json", dataclasses.asdict(stats))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def load_checkpoint(ckpt: Path) -> tuple[TextModel, DistillStats]:
+    student = load_torch(ckpt / "student")
+    student.info.update(json.loads((ckpt / "info.json").read_text()))
+    stats = DistillStats(**json.loads((ckpt / "stats.json").read_text()))
+    stats.resumed_from = str(ckpt)
+    return student, stats
 
 
 def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps: int,
@@ -341,6 +380,7 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
                  "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval),
                  "real_seq_len": real_len},
         "student": {"layers_kept": d.keep, "prepare": student.info.get("prepare"),
+                    "weights_sha256": weights_sha256(student),
                     "embeddings": student.info.get("embeddings"),
                     "layer_selection": student.info.get("layer_selection"), "parameters": params["student"]},
         "distillation": {**dataclasses.asdict(d.stats),
@@ -362,6 +402,15 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
     return manifest
 
 
+def weights_sha256(model: TextModel) -> str:
+    """A digest of the weights, so two runs can be compared for bit-identical students."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def real_seq_len(task: TaskData, model: TextModel, max_length: int) -> int:
     """The median tokenised length of the evaluation inputs: latency at the data's real size."""
     sample = task.eval[:512]
@@ -380,6 +429,8 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
     d = distill_stage(cfg, backend, progress)
     with staged(out) as stage:
         manifest = build(d, backend, cfg, stage, progress, start)
+    if d.checkpoint is not None:  # the run landed: its resume point is no longer needed
+        shutil.rmtree(d.checkpoint, ignore_errors=True)
     manifest["out_dir"] = str(out.resolve())
     return manifest
 

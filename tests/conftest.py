@@ -70,3 +70,9 @@ def shared() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip(f"shared data not found at {SHARED} (set FSCOMPILE_SHARED)")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Checkpoints of the tests go to a temporary cache, never the user's."""
+    monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,189 @@
+"""Bad input, interruption, resume, determinism and fuzzing (issue 7)."""
+import errno
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fscompile
+from fscompile.cli import main
+from fscompile.data import load_task_data
+from fscompile.errors import InputError
+
+FAST = ["--steps", "3", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.02", "--seq-len", "16",
+        "--max-eval", "10"]
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args)
+
+
+def write(path, text, mode="w"):
+    if mode == "wb":
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    "unknown hub id": (lambda t, d: ["no-such-org/no-such-model-xyz"], 3, "cannot load model"),
+    "path that is not a model": (lambda t, d: [str(d)], 3, "cannot load model"),
+    "teacher labels do not match": (lambda t, d: [t, "--data", write(d / "abc.csv", "text,label\n" + "".join(
+        f"row {i},{'abc'[i % 3]}\n" for i in range(30))), "--shots", "3"], 3, "do not match"),
+    "missing data file": (lambda t, d: [t, "--data", str(d / "missing.jsonl")], 3, "not found"),
+    "empty data file": (lambda t, d: [t, "--data", write(d / "empty.csv", "")], 3, "empty"),
+    "no label column": (lambda t, d: [t, "--data", write(d / "nolabel.jsonl", '{"text": "a b"}\n' * 5)], 3,
+                        "no label column"),
+    "not UTF-8": (lambda t, d: [t, "--data", write(d / "latin.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"), "wb")],
+                  3, "not UTF-8"),
+    "too few rows per class": (lambda t, d: [t, "--shots", "200"], 3, "fewer than --shots"),
+    "zero shots": (lambda t, d: [t, "--shots", "0"], 2, "--shots must be >= 1"),
+    "negative shots": (lambda t, d: [t, "--shots", "-3"], 2, "--shots must be >= 1"),
+    "unknown target": (lambda t, d: [t, "--target", "tpu-int3"], 3, "unknown target"),
+    "target unavailable": (lambda t, d: [t, "--target", "trt-int8"], 4, "not available here"),
+    "out not writable": (lambda t, d: [t, "--out", str(d / "file.txt" / "sub")], 3, "--out"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exit_code_message_nothing_written(case, tiny_teacher, tmp_path):
+    from fscompile.backends.tensorrt import tensorrt_status
+
+    if case == "target unavailable" and tensorrt_status()[0]:
+        pytest.skip("TensorRT is available here")
+    make, code, message = CASES[case]
+    (tmp_path / "file.txt").write_text("x")
+    args = make(str(tiny_teacher), tmp_path)
+    out = tmp_path / "out"
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    r = invoke([*args, *FAST])
+    assert r.exit_code == code, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len([ln for ln in r.output.splitlines() if "error" in ln.lower()]) == 1  # one line says why
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_disk_full_is_one_line_and_keeps_previous_out(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "manifest.json")
+
+    monkeypatch.setattr("fscompile.pipeline.write_json", full)
+    r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), "--force", *FAST])
+    assert r.exit_code == 5 and "disk full" in r.output and "Traceback" not in r.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not list(tmp_path.glob(".out.*"))
+
+
+def test_interrupt_after_distillation_then_resume(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    from fscompile.backends.onnxruntime import OrtInt8Backend
+
+    real = OrtInt8Backend.compile
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OrtInt8Backend, "compile", interrupted)
+    args = [str(tiny_teacher), "--shots", "3", "--out", str(out), "--force", "--json", *FAST]
+    r = invoke(args)
+    assert r.exit_code == 130 and "nothing was written" in r.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    monkeypatch.setattr(OrtInt8Backend, "compile", real)
+    r = invoke(args)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["distillation"]["resumed_from"]  # the distilled student was not trained again
+    assert not os.path.exists(m["distillation"]["resumed_from"])  # and its checkpoint is gone
+
+
+def test_stale_staging_from_a_killed_run_is_cleaned(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / ".out.fscompile-tmp-99999999").mkdir()
+    (tmp_path / ".out.fscompile-old-99999998").mkdir()
+    (tmp_path / ".out.fscompile-old-99999998" / "manifest.json").write_text("{}")
+    r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), "--force", *FAST])
+    assert r.exit_code == 0, r.output
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_same_seed_same_everything(tiny_headless, tmp_path):
+    kw = dict(data=None, shots=3, steps=6, augment=2, profile_seconds=0.02, seq_len=16, max_eval=20)
+    a = fscompile.compile(str(tiny_headless), out=tmp_path / "a", **kw)
+    b = fscompile.compile(str(tiny_headless), out=tmp_path / "b", **kw)
+    assert a["data"]["shot_indices"] == b["data"]["shot_indices"]
+    assert a["student"]["weights_sha256"] == b["student"]["weights_sha256"]
+    assert a["metrics"] == b["metrics"] and a["fingerprint"] == b["fingerprint"]
+    c = fscompile.compile(str(tiny_headless), out=tmp_path / "c", seed=1, **kw)
+    assert c["data"]["shot_indices"] != a["data"]["shot_indices"]
+
+
+ROW = st.dictionaries(st.sampled_from(["text", "label", "sentence", "x", "", "question"]),
+                      st.one_of(st.text(max_size=30), st.integers(-3, 5), st.none(), st.floats(allow_nan=True)),
+                      max_size=4)
+FUZZ_COUNT = {"loaders": 0, "cli": 0}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(ROW, max_size=12), fmt=st.sampled_from(["jsonl", "csv", "tsv", "raw"]),
+       raw=st.binary(max_size=200), shots=st.integers(1, 3))
+def test_fuzz_loaders_raise_only_input_errors(tmp_path_factory, rows, fmt, raw, shots):
+    d = tmp_path_factory.mktemp("fuzz")
+    if fmt == "raw":
+        path = d / "data.csv"
+        path.write_bytes(raw)
+    elif fmt == "jsonl":
+        path = d / "data.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        path = d / f"data.{fmt}"
+        keys = sorted({k for r in rows for k in r}) or ["text"]
+        path.write_text("\n".join([sep.join(keys)] + [sep.join(str(r.get(k, "")) for k in keys) for r in rows]))
+    FUZZ_COUNT["loaders"] += 1
+    try:
+        task = load_task_data(str(path), shots=shots, seed=0)
+    except InputError as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert len(task.shots) == shots * task.num_labels and task.eval
+
+
+OPTION = st.sampled_from([
+    ("--shots", st.integers(-2, 4)), ("--steps", st.integers(-1, 4)), ("--lr", st.floats(-1e-3, 1e-2)),
+    ("--temperature", st.floats(-1, 5)), ("--prune", st.floats(-0.5, 1.5)), ("--seq-len", st.integers(-4, 40)),
+    ("--max-eval", st.integers(-1, 30)), ("--target", st.sampled_from(["ort-int8", "ort-fp32", "nope", "trt-fp16"])),
+    ("--student-layers", st.sampled_from(["0", "1", "2", "9", "0,1", "a,b", "every-other", "-1"])),
+    ("--calibration", st.sampled_from(["auto", "minmax", "bogus"])), ("--augment", st.integers(-1, 2)),
+])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_cli_options_never_traceback(tiny_teacher, tmp_path_factory, data):
+    picks = data.draw(st.lists(OPTION, min_size=1, max_size=4, unique_by=lambda o: o[0]))
+    args = [str(tiny_teacher), "--out", str(tmp_path_factory.mktemp("o") / "run"), "--batch-size", "4",
+            "--profile-seconds", "0.02", "--augment", "1", "--steps", "2", "--max-eval", "8", "--seq-len", "16"]
+    for name, values in picks:
+        args += [name, str(data.draw(values))]
+    FUZZ_COUNT["cli"] += 1
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code in (0, 2, 3, 4), r.output
+    assert "Traceback" not in r.output
+    if r.exit_code:
+        assert r.output.strip(), "a failure must say why"
+
+
+def test_zz_report_fuzz_counts():
+    """Record how many fuzz cases ran (pytest -s shows it; the closing note quotes it)."""
+    print(f"fuzz cases run: {FUZZ_COUNT}")
+    assert FUZZ_COUNT["loaders"] >= 100 and FUZZ_COUNT["cli"] >= 10
