@@ -15,7 +15,6 @@ Paths default to ../shared and can be overridden with --teacher/--data or FSCOMP
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random

@@ -124,7 +124,6 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
     from .ui import ProgressUI, print_summary
 
     try:
-        import fscompile
         from .config import CompileConfig, DistillConfig
 
         dist_keys = ("steps", "lr", "batch_size", "temperature", "augment", "unlabeled", "max_length")

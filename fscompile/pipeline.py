@@ -28,7 +28,7 @@ from .calibration import CalibrationSet, batches_from_encodings
 from .config import CompileConfig
 from .data import Example, TaskData, load_task_data, load_unlabeled
 from .distill import DistillStats, distill, set_seed
-from .errors import InputError, TargetUnavailable
+from .errors import TargetUnavailable
 from .evaluate import metrics, predict
 from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher, load_torch,
                           parse_layers, save_torch, select_layers)
