@@ -93,8 +93,8 @@ def render_markdown(m: dict[str, Any]) -> str:
     ]
     if m["teacher"].get("adaptation"):
         a = m["teacher"]["adaptation"]
-        lines.append(f"- Teacher had no task head: fitted one ({a['method']}, leave-one-out accuracy "
-                     f"{a['cv_accuracy']:.3f}).")
+        lines.append(f"- Teacher had no task head: fitted one ({a['method']}; leave-one-out accuracy on the "
+                     f"shots {a['cv_accuracy']:.3f}, optimistic since the body was tuned on them).")
     if m["student"].get("prepare"):
         lines.append(f"- Sparsity: {json.dumps(m['student']['prepare'])}.")
     if "variant" in art:

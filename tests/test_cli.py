@@ -33,7 +33,7 @@ def test_compile_end_to_end_with_headless_teacher(tiny_headless, tmp_path):
     manifest = json.loads(r.stdout)
     assert (out / "manifest.json").is_file() and (out / "report.md").is_file()
     assert (out / "model" / "model.onnx").is_file()
-    assert manifest["teacher"]["adaptation"]["method"].startswith("logistic-regression")
+    assert manifest["teacher"]["adaptation"]["method"].startswith("contrastive fine-tuning")
     assert manifest["data"]["label_names"] == ["negative", "positive"]
     assert set(manifest["metrics"]) == {"teacher", "student", "artifact"}
     assert manifest["profile"]["artifact"]["batch8"]["p50_ms"] > 0
