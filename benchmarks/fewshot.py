@@ -47,7 +47,7 @@ def parse() -> argparse.Namespace:
 
 def student_accuracy(student, task) -> float:
     from fscompile.evaluate import metrics, predict
-    from fscompile.pipeline import torch_runner
+    from fscompile.evaluate import torch_runner
 
     labels = np.array([e.label for e in task.eval])
     logits = predict(torch_runner(student), student.tokenizer, student.input_names, task.eval)

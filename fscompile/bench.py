@@ -117,7 +117,8 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
 
     from .backends import get_backend
     from .peers import build_peers
-    from .pipeline import build, calibration_set, distill_stage, real_seq_len, retarget
+    from .evaluate import real_seq_len
+    from .pipeline import build, calibration_set, distill_stage, retarget
 
     if threads:
         torch.set_num_threads(threads)

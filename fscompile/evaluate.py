@@ -4,9 +4,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
-from .data import Example
+from .data import Example, TaskData
 from .data.batching import length_sorted_batches, pad_batch
+from .models.text import TextModel
 
 # A runner maps a batch of int64 arrays (input_ids, attention_mask, ...) to logits.
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -40,3 +42,33 @@ def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None
     if reference is not None:
         out["agreement"] = float((pred == reference).mean())
     return out
+
+
+def torch_runner(model: TextModel):
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.module(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+    return run
+
+
+def evaluate_all(task: TaskData, teacher: TextModel, student: TextModel, artifact_runner,
+                 max_length: int) -> dict[str, dict[str, float]]:
+    """Accuracy, macro-F1 and agreement with the teacher on the eval split."""
+    labels = np.array([e.label for e in task.eval])
+    names = student.input_names
+    t_logits = predict(torch_runner(teacher), teacher.tokenizer, names, task.eval, max_length)
+    t_pred = t_logits.argmax(-1)
+    out = {"teacher": metrics(t_logits, labels, t_pred)}
+    out["student"] = metrics(predict(torch_runner(student), student.tokenizer, names, task.eval, max_length),
+                             labels, t_pred)
+    out["artifact"] = metrics(predict(artifact_runner, student.tokenizer, names, task.eval, max_length),
+                              labels, t_pred)
+    return out
+
+
+def real_seq_len(task: TaskData, model: TextModel, max_length: int) -> int:
+    """The median tokenised length of the evaluation inputs: latency at the data's real size."""
+    sample = task.eval[:512]
+    enc = model.tokenizer([e.text for e in sample], [e.text_pair or "" for e in sample] if task.is_pair else None,
+                          truncation=True, max_length=max_length)
+    return int(np.median([len(x) for x in enc["input_ids"]]))

@@ -14,7 +14,7 @@ from .calibration import CalibrationSet
 from .data import TaskData
 from .evaluate import metrics, predict
 from .models.text import TextModel, export_onnx, save_torch
-from .pipeline import torch_runner
+from .evaluate import torch_runner
 from .profile import ProfileRequest, profile_model
 
 PEERS = ("teacher PyTorch fp32", "teacher ORT fp32", "teacher ORT dynamic INT8",

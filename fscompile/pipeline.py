@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -19,21 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .adapt import fit_head
 from .augment import TransferSet, build_transfer_set, vocabulary_words
-from .backends import Artifact, Backend, Recipe, get_backend
+from .backends import Backend, Recipe, get_backend
 from .calibration import CalibrationSet, batches_from_encodings
 from .config import CompileConfig
 from .data import Example, TaskData, load_task_data, load_unlabeled
 from .distill import DistillStats, distill, set_seed
 from .errors import TargetUnavailable
-from .evaluate import metrics, predict
-from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher, load_torch,
-                          parse_layers, save_torch, select_layers)
+from .evaluate import evaluate_all, real_seq_len
+from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher,
+                          parse_layers, save_torch, select_layers, weights_sha256)
 from .outdir import MANIFEST, check_out, staged
-from .profile import ProfileRequest, device_info, peak_rss_mb, profile_model
+from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .profile import device_info, peak_rss_mb, profile_all
+from .verify import fall_back, unpruned_latency, verify
 from .report import render_markdown, write_json
 
 # progress(stage, done, total, detail): the CLI draws bars, the API may pass None.
@@ -53,33 +51,6 @@ def resolve_backend(cfg: CompileConfig) -> Backend:
         raise TargetUnavailable(f"target {cfg.target!r} is not available here: {why} "
                                 "(--export-only builds its portable files without running it)")
     return backend
-
-
-def verify(cfg: CompileConfig, backend: Backend, evaluation: dict[str, Any], prof: dict[str, Any],
-           unpruned_ms: float | None) -> dict[str, Any]:
-    """Did the target really get faster, and stay accurate? Each check is stated plainly."""
-    on_target = backend.available()[0]
-    art, stu = prof["artifact"]["batch1"]["p50_ms"], prof["student"]["batch1"]["p50_ms"]
-    loss = evaluation["student"]["accuracy"] - evaluation["artifact"]["accuracy"]
-    checks = {
-        "faster_than_student": {"ok": art < stu, "artifact_ms": art, "student_fp32_ms": stu,
-                                "measured_on": backend.device if on_target else "cpu (ONNX Runtime; not the target)"},
-        "accuracy_within_tolerance": {"ok": loss <= cfg.tolerance, "loss": loss, "tolerance": cfg.tolerance},
-    }
-    if unpruned_ms is not None:
-        checks["pruning_pays"] = {"ok": art < unpruned_ms, "pruned_ms": art, "unpruned_ms": unpruned_ms}
-    failed = [k for k, v in checks.items() if not v["ok"]]
-    return {"ok": not failed, "failed": failed, "checks": checks}
-
-
-def unpruned_latency(backend: Backend, unpruned: TextModel, cal: CalibrationSet, recipe: Recipe, work: Path,
-                     vocab: int, cfg: CompileConfig) -> float:
-    """Batch-1 latency of the same student built without the sparsity pattern (weights do not
-    change latency, so it is not distilled again)."""
-    art = backend.compile(unpruned, cal, work / "unpruned", dataclasses.replace(recipe, prune=0.0))
-    req = ProfileRequest("onnx", str(art.path / art.model_file), vocab, cfg.seq_len, batches=(1,),
-                         budget_s=cfg.profile_seconds)
-    return profile_model(req)["batch1"]["p50_ms"]
 
 
 def load_data(cfg: CompileConfig) -> TaskData:
@@ -160,66 +131,6 @@ def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfi
     return CalibrationSet(calibrate=batches(cal), validate=batches(val))
 
 
-def torch_runner(model: TextModel):
-    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return model.module(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
-    return run
-
-
-def evaluate_all(task: TaskData, teacher: TextModel, student: TextModel, artifact_runner,
-                 max_length: int) -> dict[str, dict[str, float]]:
-    """Accuracy, macro-F1 and agreement with the teacher on the eval split."""
-    labels = np.array([e.label for e in task.eval])
-    names = student.input_names
-    t_logits = predict(torch_runner(teacher), teacher.tokenizer, names, task.eval, max_length)
-    t_pred = t_logits.argmax(-1)
-    out = {"teacher": metrics(t_logits, labels, t_pred)}
-    out["student"] = metrics(predict(torch_runner(student), student.tokenizer, names, task.eval, max_length),
-                             labels, t_pred)
-    out["artifact"] = metrics(predict(artifact_runner, student.tokenizer, names, task.eval, max_length),
-                              labels, t_pred)
-    return out
-
-
-def profile_all(teacher_dir: Path, student_dir: Path, artifact: Artifact, vocab: int,
-                seq_len: int, budget_s: float, real_len: int | None = None) -> dict[str, dict[str, Any]]:
-    """Latency and peak memory of each model, each in a fresh process."""
-    models = {"teacher": ("torch", teacher_dir), "student": ("torch", student_dir),
-              "artifact": ("onnx", artifact.path / artifact.model_file)}
-    return {name: profile_model(ProfileRequest(kind, str(path), vocab, seq_len, budget_s=budget_s, real_len=real_len))
-            for name, (kind, path) in models.items()}
-
-
-def fall_back(task: TaskData, teacher: TextModel, student: TextModel, cal: CalibrationSet, recipe: Recipe,
-              artifact: Artifact, evaluation: dict[str, Any], prof: dict[str, Any], vocab: int,
-              cfg: CompileConfig) -> tuple[Artifact, dict[str, Any], dict[str, Any]]:
-    """--fallback: build the fp32 ONNX Runtime variant of the same student and ship whichever
-    of the two is better (accuracy within tolerance first, then batch-1 latency)."""
-    fp32 = get_backend("ort-fp32")
-    tmp_dir = artifact.path.parent / "model.fp32"
-    alt = fp32.compile(student, cal, tmp_dir, recipe)
-    alt_eval = evaluate_all(task, teacher, student, fp32.load(alt), cfg.distill.max_length)
-    alt_prof = profile_model(ProfileRequest("onnx", str(alt.path / alt.model_file), vocab, cfg.seq_len,
-                                            budget_s=cfg.profile_seconds))
-
-    def key(ev: dict[str, Any], pr: dict[str, Any]) -> tuple[bool, float]:
-        ok = ev["student"]["accuracy"] - ev["artifact"]["accuracy"] <= cfg.tolerance
-        return (not ok, pr["batch1"]["p50_ms"])
-
-    new_eval = dict(evaluation, artifact=alt_eval["artifact"])
-    new_prof = dict(prof, artifact=alt_prof)
-    if key(new_eval, alt_prof) < key(evaluation, prof["artifact"]):
-        shutil.rmtree(artifact.path)
-        alt.path.rename(artifact.path)
-        alt.path = artifact.path
-        alt.info["fallback"] = f"kept ort-fp32: the {cfg.target} artifact failed verification and fp32 did better"
-        return alt, new_eval, new_prof
-    shutil.rmtree(alt.path)
-    artifact.info["fallback"] = "kept the target artifact: the fp32 variant was not better"
-    return artifact, evaluation, prof
-
-
 def _dir_mb(path: Path, pattern: str) -> float:
     return sum(p.stat().st_size for p in path.glob(pattern)) / 2**20
 
@@ -286,35 +197,6 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
     return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt)
 
 
-def checkpoint_dir(cfg: CompileConfig, backend: Backend | None) -> Path:
-    """Where the distilled student of this exact configuration is checkpointed."""
-    root = Path(os.environ.get("FSCOMPILE_CACHE", Path.home() / ".cache" / "fscompile"))
-    return root / "checkpoints" / f"{cfg.fingerprint()}-{backend.name if backend else 'agnostic'}"
-
-
-INFO_KEYS = ("prepare", "layer_selection", "embeddings")
-
-
-def save_checkpoint(ckpt: Path, student: TextModel, stats: DistillStats) -> None:
-    """Distilled student + stats, written beside and renamed into place (never half-written)."""
-    tmp = ckpt.with_name(ckpt.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_torch(student, tmp / "student")
-    info = {k: student.info.get(k) for k in INFO_KEYS}
-    write_json(tmp / "info.json", info)
-    write_json(tmp / "stats.json", dataclasses.asdict(stats))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
-
-
-def load_checkpoint(ckpt: Path) -> tuple[TextModel, DistillStats]:
-    student = load_torch(ckpt / "student")
-    student.info.update(json.loads((ckpt / "info.json").read_text()))
-    stats = DistillStats(**json.loads((ckpt / "stats.json").read_text()))
-    stats.resumed_from = str(ckpt)
-    return student, stats
-
-
 def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps: int,
              progress: Progress) -> Distilled:
     """A copy of a target-agnostic distilled student with ``backend``'s sparsity pattern and a
@@ -351,7 +233,7 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
         with _timed(timings, "profile", progress):
             save_torch(teacher, work / "teacher")
             save_torch(student, work / "student")
-            prof = profile_all(work / "teacher", work / "student", artifact, vocab, cfg.seq_len,
+            prof = profile_all(work / "teacher", work / "student", artifact.path / artifact.model_file, vocab, cfg.seq_len,
                                cfg.profile_seconds, real_len)
         with _timed(timings, "verify", progress):
             unpruned_ms = (unpruned_latency(backend, d.unpruned, cal, recipe, work, vocab, cfg)
@@ -400,23 +282,6 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
     write_json(out / MANIFEST, manifest)
     (out / "report.md").write_text(render_markdown(manifest))
     return manifest
-
-
-def weights_sha256(model: TextModel) -> str:
-    """A digest of the weights, so two runs can be compared for bit-identical students."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def real_seq_len(task: TaskData, model: TextModel, max_length: int) -> int:
-    """The median tokenised length of the evaluation inputs: latency at the data's real size."""
-    sample = task.eval[:512]
-    enc = model.tokenizer([e.text for e in sample], [e.text_pair or "" for e in sample] if task.is_pair else None,
-                          truncation=True, max_length=max_length)
-    return int(np.median([len(x) for x in enc["input_ids"]]))
 
 
 def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:

@@ -196,5 +196,14 @@ def profile_model(req: ProfileRequest, timeout_s: float = 600) -> dict[str, Any]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def profile_all(teacher_dir: Path, student_dir: Path, artifact_file: Path, vocab: int,
+                seq_len: int, budget_s: float, real_len: int | None = None) -> dict[str, dict[str, Any]]:
+    """Latency and peak memory of each model, each in a fresh process."""
+    models = {"teacher": ("torch", teacher_dir), "student": ("torch", student_dir),
+              "artifact": ("onnx", artifact_file)}
+    return {name: profile_model(ProfileRequest(kind, str(path), vocab, seq_len, budget_s=budget_s, real_len=real_len))
+            for name, (kind, path) in models.items()}
+
+
 if __name__ == "__main__":
     print(json.dumps(_run_request(json.loads(sys.argv[1]))))

@@ -187,3 +187,13 @@ def test_zz_report_fuzz_counts():
     """Record how many fuzz cases ran (pytest -s shows it; the closing note quotes it)."""
     print(f"fuzz cases run: {FUZZ_COUNT}")
     assert FUZZ_COUNT["loaders"] >= 100 and FUZZ_COUNT["cli"] >= 10
+
+
+def test_fallback_ships_a_verified_variant(tiny_teacher, tmp_path):
+    # a negative tolerance makes the accuracy check fail whatever the artifact does
+    m = fscompile.compile(str(tiny_teacher), out=tmp_path / "o", shots=3, steps=3, augment=2, profile_seconds=0.02,
+                          seq_len=16, max_eval=10, fallback=True, tolerance=-1.0)
+    v = m["verification"]
+    assert not v["ok"] and "accuracy_within_tolerance" in v["failed"] and v["fallback"]
+    assert (tmp_path / "o" / "model" / "model.onnx").is_file() and not (tmp_path / "o" / "model.fp32").exists()
+    assert "Fallback:" in (tmp_path / "o" / "report.md").read_text()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import warnings
@@ -414,6 +415,15 @@ def factorize_embeddings(model: TextModel, rank: int) -> dict[str, float]:
     kept = float((sv[:rank] ** 2).sum() / (sv ** 2).sum())
     return {"rank": rank, "energy_kept": kept, "parameters_before": weight.numel(),
             "parameters_after": new.low.weight.numel() + new.up.weight.numel()}
+
+
+def weights_sha256(model: TextModel) -> str:
+    """A digest of the weights, so two runs can be compared for bit-identical students."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def prune_ffn(model: TextModel, rate: float) -> dict[str, int]:

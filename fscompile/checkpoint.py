@@ -1,0 +1,43 @@
+"""Checkpoints of the distilled student, so an interrupted compile resumes after distillation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .backends import Backend
+from .config import CompileConfig
+from .distill import DistillStats
+from .models.text import TextModel, load_torch, save_torch
+from .report import write_json
+
+
+def checkpoint_dir(cfg: CompileConfig, backend: Backend | None) -> Path:
+    """Where the distilled student of this exact configuration is checkpointed."""
+    root = Path(os.environ.get("FSCOMPILE_CACHE", Path.home() / ".cache" / "fscompile"))
+    return root / "checkpoints" / f"{cfg.fingerprint()}-{backend.name if backend else 'agnostic'}"
+
+
+INFO_KEYS = ("prepare", "layer_selection", "embeddings")
+
+
+def save_checkpoint(ckpt: Path, student: TextModel, stats: DistillStats) -> None:
+    """Distilled student + stats, written beside and renamed into place (never half-written)."""
+    tmp = ckpt.with_name(ckpt.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_torch(student, tmp / "student")
+    info = {k: student.info.get(k) for k in INFO_KEYS}
+    write_json(tmp / "info.json", info)
+    write_json(tmp / "stats.json", dataclasses.asdict(stats))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def load_checkpoint(ckpt: Path) -> tuple[TextModel, DistillStats]:
+    student = load_torch(ckpt / "student")
+    student.info.update(json.loads((ckpt / "info.json").read_text()))
+    stats = DistillStats(**json.loads((ckpt / "stats.json").read_text()))
+    stats.resumed_from = str(ckpt)
+    return student, stats
