@@ -57,7 +57,7 @@ class CompileConfig:
     shots: int = 10
     seed: int = 0
     student_layers: str | None = None  # "0,2,4", a count "3", or None = every other layer
-    prune: float = 0.0
+    prune: float = 0.2  # the experiment plan's pruning rate, in the pattern the target accelerates
     embedding_rank: int = 0  # low-rank word embeddings (0 = keep them full)
     bits: int = 8
     seq_len: int = 128  # profiling sequence length
