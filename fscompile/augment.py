@@ -35,8 +35,10 @@ def mask_words(words: list[str], rng: random.Random, mask: str, p: float = 0.15)
 
 def drop_words(words: list[str], rng: random.Random, p: float = 0.2) -> list[str]:
     """Delete about ``p`` of the words, keeping at least one."""
+    if not words:
+        return words
     out = [w for w in words if rng.random() >= p]
-    return out or [rng.choice(words)] if words else words
+    return out or [rng.choice(words)]
 
 
 def swap_spans(words: list[str], rng: random.Random) -> list[str]:

@@ -196,10 +196,6 @@ def _run_ray(sweep: Sweep, todo: list[tuple[int, int]], out: Path) -> None:
     ray.get([task.remote(sweep, s, seed, str(out)) for s, seed in todo])
 
 
-def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "—"
-
-
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std per (system, shots); ratios are computed pair by pair within a shot draw."""
     runs = [r for r in rows if r.get("kind") in ("fscompile", "peer")]
