@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -136,7 +137,8 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
         tcfg = dataclasses.replace(cfg, target=target, export_only=not backend.available()[0])
         t = time.perf_counter()
         d = retarget(base, backend, tcfg, sweep.recovery_steps, _quiet)
-        run_dir = out_dir / "runs" / f"{shots}shot-seed{seed}-{target}"
+        # target names come from plugins: keep them from naming a path outside the results directory
+        run_dir = out_dir / "runs" / f"{shots}shot-seed{seed}-{re.sub(r'[^A-Za-z0-9_.-]', '_', target).lstrip('.')}"
         run_dir.mkdir(parents=True, exist_ok=True)
         m = build(d, backend, tcfg, run_dir, _quiet, t)
         rows.append({**key, "system": f"fscompile {target}", "kind": "fscompile", "target": target,
