@@ -19,7 +19,7 @@ from ..calibration import CalibrationSet
 from ..models.text import TextModel
 from ..profile import cpu_info
 from . import Artifact, Recipe
-from .onnxruntime import MODEL_FILE, _OrtBackend
+from .onnxruntime import MODEL_FILE, _OrtBackend, dynamic_int8
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -48,9 +48,7 @@ class CpuVnniBackend(_OrtBackend):
 
     def compile(self, student: TextModel, calibration: CalibrationSet, out_dir: Path,
                 recipe: Recipe) -> Artifact:
-        import onnx
         import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
         flags = vnni_flags()
         has_vnni = any(flags.values())
@@ -61,8 +59,7 @@ class CpuVnniBackend(_OrtBackend):
             work = Path(tmp)
             _, fused, info = self._export(student, work)
             q = work / "int8.onnx"
-            quantize_dynamic(fused, q, per_channel=True, reduce_range=not has_vnni, weight_type=QuantType.QInt8,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            dynamic_int8(fused, q, fused=True, reduce_range=not has_vnni)
             opt = work / MODEL_FILE
             so = ort.SessionOptions()
             # EXTENDED (not ALL): ALL adds layout transforms tied to this exact CPU; EXTENDED

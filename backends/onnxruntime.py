@@ -62,6 +62,19 @@ def fuse(src: Path, dst: Path, model: TextModel) -> dict[str, int]:
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
+def dynamic_int8(src: Path, dst: Path, *, fused: bool, reduce_range: bool = False) -> Path:
+    """Dynamic INT8 with per-channel S8 weights (the recipe that holds accuracy, NOTES-stack.md).
+    A graph fused by ORT's optimizer needs ``DefaultTensorType`` for its contrib ops."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import onnx
+
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {}
+    quantize_dynamic(src, dst, per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                     extra_options=extra)
+    return dst
+
+
 def onnx_size_mb(path: Path) -> float:
     return path.stat().st_size / 2**20
 
@@ -134,10 +147,6 @@ class OrtInt8Backend(_OrtBackend):
 
     def compile(self, student: TextModel, calibration: CalibrationSet, out_dir: Path,
                 recipe: Recipe) -> Artifact:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        import onnx
-
         with tempfile.TemporaryDirectory(prefix="fscompile-ort-") as tmp:
             work = Path(tmp)
             raw, fused, info = self._export(student, work)
@@ -145,9 +154,7 @@ class OrtInt8Backend(_OrtBackend):
             errors: dict[str, str] = {}
             dyn = work / "dynamic.onnx"
             try:
-                quantize_dynamic(fused, dyn, per_channel=True, weight_type=QuantType.QInt8,
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-                candidates["dynamic-per-channel"] = dyn
+                candidates["dynamic-per-channel"] = dynamic_int8(fused, dyn, fused=True)
             except Exception as e:  # record and fall back to the other candidate
                 errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
             methods = self.calibration_methods if recipe.calibration == "auto" else (recipe.calibration,)

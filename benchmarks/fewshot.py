@@ -95,15 +95,13 @@ def logit_kd_raw_shots(teacher, task, layers: list[int], seed: int, steps: int =
 
 def teacher_int8(teacher, task, work: Path) -> dict[str, float]:
     """Baseline (d): the teacher exported to ONNX and quantized by ORT's dynamic INT8."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from fscompile.backends.onnxruntime import OrtRunner
+    from fscompile.backends.onnxruntime import OrtRunner, dynamic_int8
     from fscompile.evaluate import metrics, predict
     from fscompile.models.text import export_onnx
 
     raw, q = work / "teacher.onnx", work / "teacher-int8.onnx"
     export_onnx(teacher, raw)
-    quantize_dynamic(raw, q, per_channel=True, weight_type=QuantType.QInt8)
+    dynamic_int8(raw, q, fused=False)
     labels = np.array([e.label for e in task.eval])
     logits = predict(OrtRunner(q), teacher.tokenizer, teacher.input_names, task.eval)
     return {"accuracy": metrics(logits, labels)["accuracy"], "size_mb": q.stat().st_size / 2**20}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.onnxruntime import OrtInt8Backend, OrtRunner, fuse
+from .backends.onnxruntime import OrtInt8Backend, OrtRunner, dynamic_int8, fuse
 from .calibration import CalibrationSet
 from .data import TaskData
 from .evaluate import metrics, predict
@@ -31,10 +31,6 @@ def _row(name: str, logits: np.ndarray, task: TaskData, ref: np.ndarray, size_mb
 def build_peers(teacher: TextModel, task: TaskData, cal: CalibrationSet, seq_len: int, budget_s: float,
                 real_len: int | None, max_length: int = 128) -> list[dict[str, Any]]:
     """One row per peer pipeline (see :data:`PEERS`)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    import onnx
-
     vocab = teacher.tokenizer.vocab_size
     names = teacher.input_names
     rows = []
@@ -64,14 +60,9 @@ def build_peers(teacher: TextModel, task: TaskData, cal: CalibrationSet, seq_len
             export_onnx(teacher, raw)
             return raw
 
-        def dynamic(src: Path, dst: Path, fused: bool) -> Path:
-            extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {}
-            quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, extra_options=extra)
-            return dst
-
         def fused_dynamic() -> Path:
             fuse(raw, work / "fused.onnx", teacher)
-            return dynamic(work / "fused.onnx", work / "fused-int8.onnx", True)
+            return dynamic_int8(work / "fused.onnx", work / "fused-int8.onnx", fused=True)
 
         def static() -> Path:
             OrtInt8Backend._preprocess(raw, work / "pre.onnx")
@@ -79,7 +70,7 @@ def build_peers(teacher: TextModel, task: TaskData, cal: CalibrationSet, seq_len
             return work / "static.onnx"
 
         onnx_peer(PEERS[1], export)
-        onnx_peer(PEERS[2], lambda: dynamic(raw, work / "dyn.onnx", False))
+        onnx_peer(PEERS[2], lambda: dynamic_int8(raw, work / "dyn.onnx", fused=False))
         onnx_peer(PEERS[3], fused_dynamic)
         onnx_peer(PEERS[4], static)
     return rows
