@@ -79,12 +79,17 @@ def adapt(teacher: TextModel, task: TaskData, cfg: CompileConfig) -> dict[str, A
     return fit_head(teacher, task.shots, cfg.seed)
 
 
+def _grow(task: TaskData, teacher: TextModel, cfg: CompileConfig, per_shot: int, seed: int,
+          unlabeled: list[str] | None = None) -> TransferSet:
+    """The shots plus ``per_shot`` augmented variants each, with the configured augmentations."""
+    mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
+    return build_transfer_set(task.shots, per_shot, seed, mask, unlabeled, tuple(cfg.distill.ops.split(",")),
+                              vocabulary_words(teacher.tokenizer))
+
+
 def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig) -> TransferSet:
     unlabeled = load_unlabeled(cfg.distill.unlabeled) if cfg.distill.unlabeled else None
-    mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
-    ops = tuple(cfg.distill.ops.split(","))
-    return build_transfer_set(task.shots, cfg.distill.augment, cfg.seed, mask, unlabeled, ops,
-                              vocabulary_words(teacher.tokenizer))
+    return _grow(task, teacher, cfg, cfg.distill.augment, cfg.seed, unlabeled)
 
 
 def choose_layers(teacher: TextModel, transfer: TransferSet, cfg: CompileConfig,
@@ -104,10 +109,7 @@ def choose_layers(teacher: TextModel, transfer: TransferSet, cfg: CompileConfig,
 
 def validation_set(task: TaskData, teacher: TextModel, cfg: CompileConfig, size: int = 256) -> TransferSet:
     """Fresh variants of the shots (another seed, never trained on) for early stopping."""
-    mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
-    per_shot = max(1, -(-size // len(task.shots)))
-    ts = build_transfer_set(task.shots, per_shot, cfg.seed + 7919, mask, None,
-                            tuple(cfg.distill.ops.split(",")), vocabulary_words(teacher.tokenizer))
+    ts = _grow(task, teacher, cfg, max(1, -(-size // len(task.shots))), cfg.seed + 7919)
     n = len(task.shots)  # drop the raw shots: the student trains on those
     return TransferSet(ts.texts[n:], ts.pairs[n:] if ts.pairs is not None else None, ts.origin[n:])
 
