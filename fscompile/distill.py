@@ -169,7 +169,8 @@ def mixup_loss(teacher: TextModel, student: TextModel, batcher: Batcher, idx: li
         return lam * e[:n] + (1 - lam) * e[n:]
 
     with torch.no_grad():
-        t_out = teacher.module(inputs_embeds=mixed(teacher), attention_mask=mask, output_hidden_states=True, **extra)
+        t_out = teacher.module(inputs_embeds=mixed(teacher), attention_mask=mask,
+                               output_hidden_states=cfg.hidden_weight > 0, **extra)
     s_out = student.module(inputs_embeds=mixed(student), attention_mask=mask,
                            output_hidden_states=cfg.hidden_weight > 0, **extra)
     loss = kd_loss(s_out.logits, t_out.logits, cfg.temperature)
@@ -201,12 +202,13 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
         v_logits = TeacherCache(teacher, v_batcher, []).logits
     use_attention = cfg.attention_weight > 0
     bf16 = use_bf16(cfg.bf16)
-    masks: dict[str, torch.Tensor] = student.info.get("masks", {})
+    masks = student.info.get("masks", {})
 
     model = student.module
     model.train()
     freeze_word_embeddings(student, cfg.train_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
+    masked = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]  # looked up once, not per step
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -247,11 +249,10 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if masks:  # sparsity patterns stay fixed through the (recovery) distillation
+        if masked:  # sparsity patterns stay fixed through the (recovery) distillation
             with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name in masks:
-                        p.mul_(masks[name])
+                for p, m in masked:
+                    p.mul_(m)
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
         if step + 1 in eval_at:
             model.eval()
