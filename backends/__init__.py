@@ -37,6 +37,7 @@ class Recipe:
     seed: int = 0
     seq_len: int = 128
     calibration: str = "auto"
+    embedding_bits: int = 8  # 4: the word-embedding table block-quantized to 4 bits
 
 
 class Backend(abc.ABC):

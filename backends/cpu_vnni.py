@@ -57,9 +57,9 @@ class CpuVnniBackend(_OrtBackend):
                           "to avoid u8s8 overflow; expect lower accuracy and less speed-up", stacklevel=2)
         with tempfile.TemporaryDirectory(prefix="fscompile-vnni-") as tmp:
             work = Path(tmp)
-            _, fused, info = self._export(student, work)
+            _, fused, info = self._export(student, work, recipe)
             q = work / "int8.onnx"
-            dynamic_int8(fused, q, fused=True, reduce_range=not has_vnni)
+            dynamic_int8(self._embeddings(fused, recipe), q, fused=True, reduce_range=not has_vnni)
             opt = work / MODEL_FILE
             so = ort.SessionOptions()
             # EXTENDED (not ALL): ALL adds layout transforms tied to this exact CPU; EXTENDED

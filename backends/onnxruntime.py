@@ -49,15 +49,19 @@ class OrtRunner:
         return self.sess.run(["logits"], {k: batch[k] for k in self.names})[0]
 
 
-def fuse(src: Path, dst: Path, model: TextModel) -> dict[str, int]:
-    """ORT's transformer optimizer: fused attention, LayerNorm, GELU. Returns fused op counts."""
+def fuse(src: Path, dst: Path, model: TextModel, embed_layer_norm: bool = True) -> dict[str, int]:
+    """ORT's transformer optimizer: fused attention, LayerNorm, GELU. Returns fused op counts.
+    ``embed_layer_norm=False`` keeps the embedding lookup a plain Gather (to quantize it alone)."""
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", 0)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", 0)
+    options = FusionOptions("bert")
+    options.enable_embed_layer_norm = embed_layer_norm
     opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
-                                   opt_level=1)
+                                   opt_level=1, optimization_options=options)
     opt.save_model_to_file(str(dst), use_external_data_format=False)
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
 
@@ -72,6 +76,34 @@ def dynamic_int8(src: Path, dst: Path, *, fused: bool, reduce_range: bool = Fals
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {}
     quantize_dynamic(src, dst, per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                      extra_options=extra)
+    return dst
+
+
+def quantize_embeddings(src: Path, dst: Path, bits: int = 4, block_size: int = 128) -> Path:
+    """The word-embedding table (the largest Gather'd initializer) block-quantized to ``bits``
+    with ORT's weight-only quantizer (``GatherBlockQuantized``: rows dequantized on lookup, so
+    every token keeps its own vector; nothing is dropped from the vocabulary)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+
+    model = onnx.load(str(src))
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and len(dims.get(n.input[0], [])) == 2]
+    if not gathers:
+        raise StageError("no embedding lookup (Gather on a weight) found to quantize")
+    table = max(gathers, key=lambda n: int(np.prod(dims[n.input[0]])))
+    width = dims[table.input[0]][1]
+    while block_size > 16 and block_size > width:  # blocks are powers of two from 16; small models get small ones
+        block_size //= 2
+    axes = (("Gather", 1),)  # blocks run along the hidden axis: one row = one token's vector
+    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
+                                        op_types_to_quantize=("Gather",), quant_axes=axes)
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, nodes_to_include=[table.name],
+                             op_types_to_quantize=("Gather",), quant_axes=axes, algo_config=algo)
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-zero rows (padding) have scale 0; ORT handles it
+        q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
     return dst
 
 
@@ -103,15 +135,26 @@ class _OrtBackend(Backend):
         return OrtRunner(artifact.path / artifact.model_file)
 
     @staticmethod
-    def _export(student: TextModel, work: Path) -> tuple[Path, Path, dict[str, Any]]:
-        """Export to ``raw.onnx`` and fuse into ``fused.onnx``; returns what fusion did."""
+    def _export(student: TextModel, work: Path, recipe: Recipe) -> tuple[Path, Path, dict[str, Any]]:
+        """Export to ``raw.onnx`` and fuse into ``fused.onnx``; returns what fusion did. With
+        4-bit embeddings the embedding lookup stays unfused so that it can be quantized."""
         raw, fused = work / "raw.onnx", work / "fused.onnx"
         export_onnx(student, raw)
         try:
-            return raw, fused, {"fused_ops": fuse(raw, fused, student)}
+            return raw, fused, {"fused_ops": fuse(raw, fused, student, recipe.embedding_bits == 8),
+                                "embedding_bits": recipe.embedding_bits}
         except Exception as e:  # the optimizer may not know this graph: ship it unfused, and say so
             shutil.copy(raw, fused)
             return raw, fused, {"fusion_skipped": str(e).splitlines()[0][:200]}
+
+    @staticmethod
+    def _embeddings(path: Path, recipe: Recipe) -> Path:
+        """``path`` with its word-embedding table at ``recipe.embedding_bits`` (8: unchanged;
+        the INT8 quantizers handle it). Runs before dynamic INT8, which would take the Gather."""
+        if recipe.embedding_bits == 8:
+            return path
+        return quantize_embeddings(path, path.with_name(f"{path.stem}-emb{recipe.embedding_bits}.onnx"),
+                                   recipe.embedding_bits)
 
     @staticmethod
     def _finish(student: TextModel, model_path: Path, out_dir: Path, precision: str,
@@ -133,7 +176,7 @@ class OrtFp32Backend(_OrtBackend):
     def compile(self, student: TextModel, calibration: CalibrationSet, out_dir: Path,
                 recipe: Recipe) -> Artifact:
         with tempfile.TemporaryDirectory(prefix="fscompile-ort-") as tmp:
-            _, fused, info = self._export(student, Path(tmp))
+            _, fused, info = self._export(student, Path(tmp), Recipe())  # fp32: no 4-bit tables
             return self._finish(student, fused, out_dir, "fp32", info)
 
 
@@ -149,12 +192,12 @@ class OrtInt8Backend(_OrtBackend):
                 recipe: Recipe) -> Artifact:
         with tempfile.TemporaryDirectory(prefix="fscompile-ort-") as tmp:
             work = Path(tmp)
-            raw, fused, info = self._export(student, work)
+            raw, fused, info = self._export(student, work, recipe)
             candidates: dict[str, Path] = {}
             errors: dict[str, str] = {}
             dyn = work / "dynamic.onnx"
             try:
-                candidates["dynamic-per-channel"] = dynamic_int8(fused, dyn, fused=True)
+                candidates["dynamic-per-channel"] = dynamic_int8(self._embeddings(fused, recipe), dyn, fused=True)
             except Exception as e:  # record and fall back to the other candidate
                 errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
             methods = self.calibration_methods if recipe.calibration == "auto" else (recipe.calibration,)
@@ -168,7 +211,7 @@ class OrtInt8Backend(_OrtBackend):
                 name, stat = f"static-qdq-{method}", work / f"static-{method}.onnx"
                 try:
                     self._static(pre, stat, calibration, student, method)
-                    candidates[name] = stat
+                    candidates[name] = self._embeddings(stat, recipe)
                 except Exception as e:  # one calibrator failing must not sink the others; it is recorded
                     errors[name] = str(e).splitlines()[0][:200]
             if not candidates:

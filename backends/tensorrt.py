@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,12 @@ class _TrtBackend(Backend):
                 shutil.copy(raw, out_dir / MODEL_FILE)
         save_pretrained(student, out_dir)
         info: dict[str, Any] = {"calibration_samples": calibration.num_calibration_samples if self.int8 else 0,
-                                "size_mb": (out_dir / MODEL_FILE).stat().st_size / 2**20}
+                                "size_mb": (out_dir / MODEL_FILE).stat().st_size / 2**20,
+                                # TensorRT has no 4-bit gather: its embedding table stays as built
+                                "embedding_bits": 8 if self.int8 else 16}
+        if recipe.embedding_bits != 8:
+            warnings.warn(f"{self.name}: --embedding-bits {recipe.embedding_bits} is ignored "
+                          "(TensorRT has no block-quantized embedding lookup)", stacklevel=2)
         ok, why = tensorrt_status()
         if ok:
             build_engine(out_dir / MODEL_FILE, out_dir / ENGINE_FILE, int8=self.int8, seq_len=recipe.seq_len)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .data import Example
 
-OPS = ("mask", "drop", "swap", "mix", "crop", "vocab")
+OPS = ("mask", "drop", "swap", "mix", "crop", "vocab", "near")
 
 
 @dataclass
@@ -94,8 +94,57 @@ def replace_words(words: list[str], rng: random.Random, vocab: list[str], p: flo
     return out
 
 
+@dataclass
+class Lexicon:
+    """Words the augmentations may bring in: ``words`` (the vocabulary, frequent first) and
+    ``near`` (for words of the shots, their nearest neighbours in the teacher's embedding space)."""
+
+    words: list[str] = field(default_factory=list)
+    near: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _strip(word: str) -> str:
+    return word.lower().strip(".,;:!?\"'()")
+
+
+def nearest_words(tokenizer, table, words: set[str], vocab: list[str], k: int = 8) -> dict[str, list[str]]:
+    """For each word of ``words`` that is one vocabulary entry, the ``k`` vocabulary words whose
+    input embeddings (rows of ``table``, the teacher's own) are closest in cosine: the substitutes
+    a thesaurus-based augmenter would pick (TinyBERT's lexical augmentation uses GloVe or BERT's
+    MLM), taken from the model being distilled so that any teacher has them."""
+    import torch
+
+    index = tokenizer.get_vocab()
+
+    def token_id(w: str) -> int | None:  # WordPiece: "word"; BPE: "Ġword"; SentencePiece: "▁word"
+        return next((index[t] for t in (w, "Ġ" + w, "▁" + w) if t in index), None)
+
+    known = [(w, token_id(w)) for w in vocab]
+    known = [(w, i) for w, i in known if i is not None and i < table.shape[0]]
+    query = {w: i for w in map(_strip, words) if w.isalpha() and (i := token_id(w)) is not None and i < table.shape[0]}
+    if not query or not known:
+        return {}
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(table.float(), dim=-1)
+        sims = emb[list(query.values())] @ emb[[i for _, i in known]].T  # [shot words, vocabulary words]
+        top = sims.topk(min(k + 1, len(known)), dim=-1).indices.tolist()
+    return {w: [known[j][0] for j in row if known[j][0] != w][:k] for w, row in zip(query, top)}
+
+
+def replace_near(words: list[str], rng: random.Random, near: dict[str, list[str]], p: float = 0.3) -> list[str]:
+    """Replace about ``p`` of the words that have neighbours by one of them."""
+    cands = [i for i, w in enumerate(words) if near.get(_strip(w))]
+    if not cands:
+        return list(words)
+    out = list(words)
+    chosen = [i for i in cands if rng.random() < p] or [rng.choice(cands)]
+    for i in chosen:
+        out[i] = rng.choice(near[_strip(words[i])])
+    return out
+
+
 def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str,
-                 vocab: list[str] | None = None) -> str:
+                 lexicon: Lexicon | None = None) -> str:
     words = text.split()
     if not words:
         return text
@@ -108,7 +157,9 @@ def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str,
     elif op == "crop":
         out = crop(words, rng)
     elif op == "vocab":
-        out = replace_words(words, rng, vocab or [])
+        out = replace_words(words, rng, lexicon.words if lexicon else [])
+    elif op == "near":
+        out = replace_near(words, rng, lexicon.near if lexicon else {})
     elif op == "mix":
         out = mix(words, other.split() or words, rng)
     else:
@@ -118,7 +169,7 @@ def augment_text(text: str, other: str, op: str, rng: random.Random, mask: str,
 
 def build_transfer_set(shots: list[Example], per_shot: int, seed: int, mask_token: str,
                        unlabeled: list[str] | None = None, ops: tuple[str, ...] = OPS,
-                       vocab: list[str] | None = None) -> TransferSet:
+                       lexicon: Lexicon | None = None) -> TransferSet:
     """The shots, ``per_shot`` augmented variants of each, and any unlabeled texts."""
     rng = random.Random(seed)
     is_pair = any(s.text_pair is not None for s in shots)
@@ -131,9 +182,9 @@ def build_transfer_set(shots: list[Example], per_shot: int, seed: int, mask_toke
             other = shots[rng.randrange(len(shots))]
             if is_pair and rng.random() < 0.5:  # vary one side of a pair at a time
                 texts.append(s.text)
-                pairs.append(augment_text(s.text_pair or "", other.text_pair or "", op, rng, mask_token, vocab))
+                pairs.append(augment_text(s.text_pair or "", other.text_pair or "", op, rng, mask_token, lexicon))
             else:
-                texts.append(augment_text(s.text, other.text, op, rng, mask_token, vocab))
+                texts.append(augment_text(s.text, other.text, op, rng, mask_token, lexicon))
                 if pairs is not None:
                     pairs.append(s.text_pair or "")
             origin.append(f"aug:{op}")

@@ -59,6 +59,7 @@ class CompileConfig:
     student_layers: str | None = None  # "0,2,4", a count "3", or None = every other layer
     prune: float = 0.2  # the experiment plan's pruning rate, in the pattern the target accelerates
     embedding_rank: int = 0  # low-rank word embeddings (0 = keep them full)
+    embedding_bits: int = 8  # word-embedding table bits in the artifact (4 = block-wise, ~half the size)
     bits: int = 8
     seq_len: int = 128  # profiling sequence length
     profile_seconds: float = 3.0  # time budget per model and batch size when profiling
@@ -80,6 +81,8 @@ class CompileConfig:
             raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
         if self.embedding_rank < 0:
             raise ValueError(f"--embedding-rank must be >= 0, got {self.embedding_rank}")
+        if self.embedding_bits not in (4, 8):
+            raise ValueError(f"--embedding-bits must be 4 or 8, got {self.embedding_bits}")
         if self.bits != 8:
             raise ValueError(f"--bits: only 8 is supported, got {self.bits}")
         if self.seq_len < 8:

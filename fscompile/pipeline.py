@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .adapt import fit_head
-from .augment import TransferSet, build_transfer_set, vocabulary_words
+from .augment import Lexicon, TransferSet, build_transfer_set, nearest_words, vocabulary_words
 from .backends import Backend, Recipe, get_backend
 from .calibration import CalibrationSet, batches_from_encodings
 from .config import CompileConfig
@@ -84,7 +84,15 @@ def _grow(task: TaskData, teacher: TextModel, cfg: CompileConfig, per_shot: int,
     """The shots plus ``per_shot`` augmented variants each, with the configured augmentations."""
     mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
     return build_transfer_set(task.shots, per_shot, seed, mask, unlabeled, tuple(cfg.distill.ops.split(",")),
-                              vocabulary_words(teacher.tokenizer))
+                              lexicon(task, teacher))
+
+
+def lexicon(task: TaskData, teacher: TextModel) -> Lexicon:
+    """The teacher's vocabulary words and, for the shots' words, their embedding neighbours."""
+    words = vocabulary_words(teacher.tokenizer)
+    seen = {w for s in task.shots for t in (s.text, s.text_pair or "") for w in t.split()}
+    table = teacher.module.base.get_input_embeddings().weight
+    return Lexicon(words, nearest_words(teacher.tokenizer, table, seen, words))
 
 
 def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig) -> TransferSet:
@@ -214,7 +222,8 @@ def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps:
 
 
 def _recipe(cfg: CompileConfig) -> Recipe:
-    return Recipe(prune=cfg.prune, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration)
+    return Recipe(prune=cfg.prune, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration,
+                  embedding_bits=cfg.embedding_bits)
 
 
 def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progress: Progress,

@@ -74,3 +74,24 @@ def test_prepare_prunes_ffn(tiny_teacher):
     s, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
     get_backend("ort-int8").prepare(s, Recipe(prune=0.5))
     assert s.info["prepare"]["ffn_channels_after"] == 2 * 32
+
+
+@pytest.mark.parametrize("target", ["ort-int8", "cpu-vnni"])
+def test_four_bit_embeddings_shrink_the_table_and_keep_outputs(student, tmp_path, target):
+    import onnx
+
+    from fscompile.backends.onnxruntime import OrtRunner
+
+    cal = _calib(student)
+    backend = get_backend(target)
+    a8 = backend.compile(student, cal, tmp_path / "e8", Recipe(calibration="minmax"))
+    a4 = backend.compile(student, cal, tmp_path / "e4", Recipe(calibration="minmax", embedding_bits=4))
+    graph = onnx.load(str(a4.path / "model.onnx")).graph
+    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+    assert a4.info["embedding_bits"] == 4
+    table = student.module.base.get_input_embeddings().weight
+    # the table's bytes roughly halve (4 vs 8 bits, plus block scales/zero points)
+    assert a8.info["size_mb"] - a4.info["size_mb"] > 0.3 * table.numel() / 2**20
+    r8, r4 = OrtRunner(a8.path / "model.onnx"), OrtRunner(a4.path / "model.onnx")
+    for batch in cal.validate:
+        assert np.abs(r8(batch) - r4(batch)).max() < 0.5

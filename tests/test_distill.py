@@ -38,6 +38,23 @@ def test_augmentations_are_seeded_and_change_text():
     assert "[MASK]" in augment_text("one two three", "", "mask", random.Random(0), "[MASK]")
 
 
+def test_nearest_words_follow_the_embedding_table(tiny_teacher):
+    from fscompile.augment import Lexicon, nearest_words, vocabulary_words
+
+    teacher = load_teacher(str(tiny_teacher))
+    tok = teacher.tokenizer
+    words = vocabulary_words(tok)
+    a, b = words[0], words[1]
+    table = torch.randn(len(tok), 16)
+    table[tok.convert_tokens_to_ids(b)] = 3 * table[tok.convert_tokens_to_ids(a)]  # same direction: cosine 1
+    near = nearest_words(tok, table, {a.upper() + ",", "notaword123"}, words, k=3)
+    assert list(near) == [a] and near[a][0] == b and a not in near[a] and len(near[a]) == 3
+    out = augment_text(f"the {a} one", "", "near", random.Random(0), "[MASK]", Lexicon(words, near))
+    assert out.split()[1] in near[a]
+    # without neighbours for any word, "near" leaves the text as it is
+    assert augment_text("xyz qqq", "", "near", random.Random(0), "[MASK]", Lexicon(words, near)) == "xyz qqq"
+
+
 def test_transfer_set_contents():
     ts = build_transfer_set(SHOTS, per_shot=3, seed=0, mask_token="[MASK]", unlabeled=["raw text"])
     assert len(ts) == 4 + 12 + 1 and ts.origin.count("shot") == 4 and ts.origin[-1] == "unlabeled"

@@ -42,6 +42,7 @@ CASES = {
                   3, "not UTF-8"),
     "too few rows per class": (lambda t, d: [t, "--shots", "200"], 3, "fewer than --shots"),
     "zero shots": (lambda t, d: [t, "--shots", "0"], 2, "--shots must be >= 1"),
+    "embedding bits": (lambda t, d: [t, "--embedding-bits", "5"], 2, "--embedding-bits must be 4 or 8"),
     "negative shots": (lambda t, d: [t, "--shots", "-3"], 2, "--shots must be >= 1"),
     "unknown target": (lambda t, d: [t, "--target", "tpu-int3"], 3, "unknown target"),
     "target unavailable": (lambda t, d: [t, "--target", "trt-int8"], 4, "not available here"),
