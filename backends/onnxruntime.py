@@ -17,7 +17,7 @@ import numpy as np
 
 from ..calibration import CalibrationSet, ReaderFromBatches
 from ..errors import StageError
-from ..models.text import TextModel, export_onnx, prune_ffn, save_pretrained
+from ..models.text import TextModel
 from ..profile import latency, physical_cores
 from . import Artifact, Backend, Recipe
 
@@ -69,9 +69,8 @@ def fuse(src: Path, dst: Path, model: TextModel, embed_layer_norm: bool = True) 
 def dynamic_int8(src: Path, dst: Path, *, fused: bool, reduce_range: bool = False) -> Path:
     """Dynamic INT8 with per-channel S8 weights (the recipe that holds accuracy, NOTES-stack.md).
     A graph fused by ORT's optimizer needs ``DefaultTensorType`` for its contrib ops."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {}
     quantize_dynamic(src, dst, per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
@@ -84,8 +83,10 @@ def quantize_embeddings(src: Path, dst: Path, bits: int = 4, block_size: int = 1
     with ORT's weight-only quantizer (``GatherBlockQuantized``: rows dequantized on lookup, so
     every token keeps its own vector; nothing is dropped from the vocabulary)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     model = onnx.load(str(src))
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -127,8 +128,7 @@ class _OrtBackend(Backend):
 
     def prepare(self, student: TextModel, recipe: Recipe) -> TextModel:
         """CPU runtimes gain nothing from scattered zeros: prune whole FFN channels."""
-        student.info["prepare"] = {"pattern": "structured-ffn-channels", "rate": recipe.prune,
-                                   **prune_ffn(student, recipe.prune)}
+        student.info["prepare"] = student.prune(recipe.prune)
         return student
 
     def load(self, artifact: Artifact) -> OrtRunner:
@@ -139,7 +139,10 @@ class _OrtBackend(Backend):
         """Export to ``raw.onnx`` and fuse into ``fused.onnx``; returns what fusion did. With
         4-bit embeddings the embedding lookup stays unfused so that it can be quantized."""
         raw, fused = work / "raw.onnx", work / "fused.onnx"
-        export_onnx(student, raw)
+        student.export_onnx(raw)
+        if student.fusion is None:  # nothing for the transformer optimizer (CNNs): ORT fuses Conv+BN at load
+            shutil.copy(raw, fused)
+            return raw, fused, {"fused_ops": {}}
         try:
             return raw, fused, {"fused_ops": fuse(raw, fused, student, recipe.embedding_bits == 8),
                                 "embedding_bits": recipe.embedding_bits}
@@ -161,7 +164,7 @@ class _OrtBackend(Backend):
                 info: dict[str, Any]) -> Artifact:
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(model_path, out_dir / MODEL_FILE)
-        save_pretrained(student, out_dir)
+        student.save_pretrained(out_dir)
         info["size_mb"] = onnx_size_mb(out_dir / MODEL_FILE)
         return Artifact(out_dir, MODEL_FILE, precision, info)
 
@@ -237,15 +240,21 @@ class OrtInt8Backend(_OrtBackend):
     @staticmethod
     def _static(pre: Path, dst: Path, calibration: CalibrationSet, student: TextModel, method: str) -> None:
         """Static QDQ with the settings that hold accuracy on transformers (NOTES-stack.md):
-        U8 activations, S8 per-channel weights, MatMuls only, FFN-down MatMuls left in fp32
+        U8 activations, S8 per-channel weights, the ops the model names (MatMuls for transformers,
+        Conv/Gemm too for CNNs), transformer FFN-down MatMuls left in fp32
         because their inputs carry activation outliers."""
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
         import onnx
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         model = onnx.load(str(pre))
         inits = {i.name: i.dims for i in model.graph.initializer}
         ffn = getattr(student.config, "intermediate_size", None) or getattr(student.config, "hidden_dim", None)
+        ops = list(student.quant_ops)
         exclude = [n.name for n in model.graph.node if n.op_type == "MatMul"
                    and any(list(inits.get(x, [])[:1]) == [ffn] for x in n.input)]
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -253,7 +262,7 @@ class OrtInt8Backend(_OrtBackend):
         if method not in methods:
             raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(methods)}")
         quantize_static(str(pre), str(dst), ReaderFromBatches(calibration.calibrate),
-                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude, calibrate_method=methods[method],
                         extra_options={"CalibMovingAverage": True} if method == "minmax" else {})
@@ -268,7 +277,8 @@ class OrtInt8Backend(_OrtBackend):
             run = OrtRunner(path)
             agree = np.concatenate([run(b).argmax(-1) == r for b, r in zip(calibration.validate, ref_pred)])
             # a real validation row repeated to the profiling length: valid ids for any vocabulary
-            probe = {k: np.resize(v[:1], (1, seq_len)) for k, v in calibration.validate[0].items()}
+            probe = {k: np.resize(v[:1], (1, seq_len)) if v.ndim == 2 else v[:1]  # images keep their shape
+                     for k, v in calibration.validate[0].items()}
             lat = latency(lambda: run(probe), warmup=2, min_reps=10, max_reps=60, budget_s=1.0)
             table[name] = {"agreement": float(agree.mean()), "b1_p50_ms": lat["p50_ms"],
                            "size_mb": onnx_size_mb(path)}

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..calibration import CalibrationSet, ReaderFromBatches
 from ..errors import StageError, TargetUnavailable
-from ..models.text import TextModel, export_onnx, save_pretrained
+from ..models.text import TextModel
 from . import Artifact, Backend, Recipe
 from .onnxruntime import MODEL_FILE, OrtRunner
 
@@ -98,12 +98,12 @@ class _TrtBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="fscompile-trt-") as tmp:
             raw = Path(tmp) / "raw.onnx"
-            export_onnx(student, raw)
+            student.export_onnx(raw)
             if self.int8:
                 qdq_quantize(raw, out_dir / MODEL_FILE, calibration)
             else:
                 shutil.copy(raw, out_dir / MODEL_FILE)
-        save_pretrained(student, out_dir)
+        student.save_pretrained(out_dir)
         info: dict[str, Any] = {"calibration_samples": calibration.num_calibration_samples if self.int8 else 0,
                                 "size_mb": (out_dir / MODEL_FILE).stat().st_size / 2**20,
                                 # TensorRT has no 4-bit gather: its embedding table stays as built
@@ -148,7 +148,12 @@ class TrtFp16Backend(_TrtBackend):
 def qdq_quantize(raw: Path, dst: Path, calibration: CalibrationSet) -> None:
     """Symmetric INT8 QDQ (what TensorRT's explicit quantization expects): S8 activations and
     per-channel S8 weights on the MatMuls; zeros stay zeros, so 2:4 patterns survive."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     quantize_static(str(raw), str(dst), ReaderFromBatches(calibration.calibrate), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,

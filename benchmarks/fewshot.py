@@ -46,8 +46,7 @@ def parse() -> argparse.Namespace:
 
 
 def student_accuracy(student, task) -> float:
-    from fscompile.evaluate import metrics, predict
-    from fscompile.evaluate import torch_runner
+    from fscompile.evaluate import metrics, predict, torch_runner
 
     labels = np.array([e.label for e in task.eval])
     logits = predict(torch_runner(student), student.tokenizer, student.input_names, task.eval)
@@ -96,6 +95,7 @@ def logit_kd_raw_shots(teacher, task, layers: list[int], seed: int, steps: int =
 def teacher_int8(teacher, task, work: Path) -> dict[str, float]:
     """Baseline (d): the teacher exported to ONNX and quantized by ORT's dynamic INT8."""
     from fscompile.backends.onnxruntime import OrtRunner, dynamic_int8
+
     from fscompile.evaluate import metrics, predict
     from fscompile.models.text import export_onnx
 

@@ -11,7 +11,7 @@ from ..data.batching import length_sorted_batches, pad_batch
 
 @dataclass
 class CalibrationSet:
-    """Batches of model inputs (int64 arrays) for calibrating and for choosing variants.
+    """Batches of model inputs (token ids, or pixels) for calibrating and for choosing variants.
 
     ``calibrate`` feeds the quantizer; ``validate`` is held out from it and is what the
     backend compares variants on, against the fp32 model's own outputs.
@@ -22,11 +22,11 @@ class CalibrationSet:
 
     @property
     def num_calibration_samples(self) -> int:
-        return sum(len(b["input_ids"]) for b in self.calibrate)
+        return sum(len(next(iter(b.values()))) for b in self.calibrate)
 
     @property
     def num_validation_samples(self) -> int:
-        return sum(len(b["input_ids"]) for b in self.validate)
+        return sum(len(next(iter(b.values()))) for b in self.validate)
 
 
 def batches_from_encodings(enc: dict[str, list[list[int]]], names: list[str], pad_id: int,

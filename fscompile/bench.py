@@ -117,8 +117,8 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
     import torch
 
     from .backends import get_backend
-    from .peers import build_peers
     from .evaluate import real_seq_len
+    from .peers import build_peers
     from .pipeline import build, calibration_set, distill_stage, retarget
 
     if threads:
@@ -147,7 +147,7 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
                      "build_s": time.perf_counter() - t + distill_s, "distill_s": distill_s,
                      "layers_kept": m["student"]["layers_kept"], "verification": m["verification"]["failed"],
                      "compile_peak_rss_mb": m["compile_peak_rss_mb"], "device": m["device"]})
-    if sweep.peers:
+    if sweep.peers and base.kind == "text-classification":  # the peer pipelines are text ones
         cal = calibration_set(base.student, base.transfer, cfg)
         real = real_seq_len(base.task, base.teacher, cfg.distill.max_length)
         for r in build_peers(base.teacher, base.task, cal, cfg.seq_len, cfg.profile_seconds, real):

@@ -6,11 +6,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .backends import Backend
 from .config import CompileConfig
 from .distill import DistillStats
-from .models.text import TextModel, load_torch, save_torch
+from .models import load_any
 from .report import write_json
 
 
@@ -23,11 +24,11 @@ def checkpoint_dir(cfg: CompileConfig, backend: Backend | None) -> Path:
 INFO_KEYS = ("prepare", "layer_selection", "embeddings")
 
 
-def save_checkpoint(ckpt: Path, student: TextModel, stats: DistillStats) -> None:
+def save_checkpoint(ckpt: Path, student: Any, stats: DistillStats) -> None:
     """Distilled student + stats, written beside and renamed into place (never half-written)."""
     tmp = ckpt.with_name(ckpt.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_torch(student, tmp / "student")
+    student.save_torch(tmp / "student")
     info = {k: student.info.get(k) for k in INFO_KEYS}
     write_json(tmp / "info.json", info)
     write_json(tmp / "stats.json", dataclasses.asdict(stats))
@@ -35,8 +36,8 @@ def save_checkpoint(ckpt: Path, student: TextModel, stats: DistillStats) -> None
     tmp.rename(ckpt)
 
 
-def load_checkpoint(ckpt: Path) -> tuple[TextModel, DistillStats]:
-    student = load_torch(ckpt / "student")
+def load_checkpoint(ckpt: Path) -> tuple[Any, DistillStats]:
+    student = load_any(ckpt / "student")
     student.info.update(json.loads((ckpt / "info.json").read_text()))
     stats = DistillStats(**json.loads((ckpt / "stats.json").read_text()))
     stats.resumed_from = str(ckpt)

@@ -86,8 +86,15 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace --out even if it holds a different run.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for shots, augmentation and training.")
 @click.option("--student-layers", help="Teacher layers to keep: a count (3) or indices (0,2,4). Default: every other one.")
+@click.option("--task", default="auto", show_default=True,
+              type=click.Choice(["auto", "text-classification", "image-classification"]),
+              help="What the teacher does; auto: image-classification for torchvision names, else text.")
+@click.option("--student", help="Image tasks: the student's torchvision architecture [default: mobilenet_v3_small].")
+@click.option("--weights", type=click.Path(), help="Image tasks: a local state dict for the teacher architecture "
+              "(loaded with weights_only=True).")
+@click.option("--image-size", type=int, help="Image tasks: input side in pixels [default: the teacher's, else the data's].")
 @click.option("--steps", default=1000, show_default=True, type=int, help="Distillation steps.")
-@click.option("--lr", default=5e-5, show_default=True, type=float, help="Learning rate (AdamW).")
+@click.option("--lr", type=float, help="Learning rate (AdamW) [default: 5e-5 text, 1e-3 image students].")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Distillation batch size.")
 @click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature.")
 @click.option("--augment", default=100, show_default=True, type=int, help="Augmented variants per shot in the transfer set.")

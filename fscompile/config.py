@@ -16,12 +16,15 @@ TEACHER_ALIASES: dict[str, str] = {
 }
 
 
+TASKS = ("auto", "text-classification", "image-classification")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Few-shot distillation hyper-parameters."""
 
     steps: int = 1000
-    lr: float = 5e-5
+    lr: float | None = None  # None = the task's default (5e-5 text, 1e-3 image students from scratch)
     batch_size: int = 16
     temperature: float = 2.0
     augment: int = 100  # augmented variants per shot in the transfer set
@@ -39,7 +42,7 @@ class DistillConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
+        if (self.lr is not None and self.lr <= 0) or self.temperature <= 0:
             raise ValueError("lr and temperature must be > 0")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
@@ -53,6 +56,10 @@ class CompileConfig:
 
     teacher: str = "minilm"
     data: str | None = None  # None = the embedded default set
+    task: str = "auto"  # text-classification | image-classification | auto (from the teacher)
+    student: str | None = None  # image tasks: the student's torchvision architecture
+    weights: str | None = None  # image tasks: a local state dict for the teacher architecture
+    image_size: int | None = None  # image tasks: input side in pixels (default: the teacher's, else the data's)
     target: str = "ort-int8"
     shots: int = 10
     seed: int = 0
@@ -81,6 +88,10 @@ class CompileConfig:
             raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
         if self.embedding_rank < 0:
             raise ValueError(f"--embedding-rank must be >= 0, got {self.embedding_rank}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.image_size is not None and not 8 <= self.image_size <= 2048:
+            raise ValueError(f"--image-size must be in [8, 2048], got {self.image_size}")
         if self.embedding_bits not in (4, 8):
             raise ValueError(f"--embedding-bits must be 4 or 8, got {self.embedding_bits}")
         if self.bits != 8:

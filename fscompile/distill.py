@@ -20,6 +20,8 @@ from .config import DistillConfig
 from .data.batching import length_sorted_batches, pad_batch
 from .models.text import TextModel
 
+TEXT_LR = 5e-5  # the experiment plan's rate: the student starts from the teacher's own layers
+
 
 @dataclass
 class DistillStats:
@@ -209,7 +211,7 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
     freeze_word_embeddings(student, cfg.train_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     masked = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]  # looked up once, not per step
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else TEXT_LR, weight_decay=0.01)
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))

@@ -12,9 +12,8 @@ import numpy as np
 from .backends.onnxruntime import OrtInt8Backend, OrtRunner, dynamic_int8, fuse
 from .calibration import CalibrationSet
 from .data import TaskData
-from .evaluate import metrics, predict
-from .models.text import TextModel, export_onnx, save_torch
-from .evaluate import torch_runner
+from .evaluate import metrics, predict, torch_runner
+from .models.text import TextModel, export_onnx
 from .profile import ProfileRequest, profile_model
 
 PEERS = ("teacher PyTorch fp32", "teacher ORT fp32", "teacher ORT dynamic INT8",
@@ -37,7 +36,7 @@ def build_peers(teacher: TextModel, task: TaskData, cal: CalibrationSet, seq_len
     with tempfile.TemporaryDirectory(prefix="fscompile-peers-") as tmp:
         work = Path(tmp)
         t = time.perf_counter()
-        save_torch(teacher, work / "torch")
+        teacher.save_torch(work / "torch")
         t_logits = predict(torch_runner(teacher), teacher.tokenizer, names, task.eval, max_length)
         ref = t_logits.argmax(-1)
         prof = profile_model(ProfileRequest("torch", str(work / "torch"), vocab, seq_len, budget_s=budget_s,

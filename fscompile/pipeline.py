@@ -5,37 +5,47 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .adapt import fit_head
-from .augment import Lexicon, TransferSet, build_transfer_set, nearest_words, vocabulary_words
+from .augment import (
+    Lexicon,
+    TransferSet,
+    build_transfer_set,
+    nearest_words,
+    vocabulary_words,
+)
 from .backends import Backend, Recipe, get_backend
 from .calibration import CalibrationSet, batches_from_encodings
+from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import CompileConfig
 from .data import Example, TaskData, load_task_data, load_unlabeled
-from .distill import DistillStats, distill, set_seed
+from .distill import distill, set_seed
 from .errors import TargetUnavailable
 from .evaluate import evaluate_all, real_seq_len
-from .models.text import (TextModel, align_labels, derive_student, factorize_embeddings, load_teacher,
-                          parse_layers, save_torch, select_layers, weights_sha256)
+from .models.text import (
+    TextModel,
+    align_labels,
+    derive_student,
+    factorize_embeddings,
+    load_teacher,
+    parse_layers,
+    select_layers,
+    weights_sha256,
+)
 from .outdir import MANIFEST, check_out, staged
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .profile import device_info, peak_rss_mb, profile_all
-from .verify import fall_back, unpruned_latency, verify
 from .report import render_markdown, write_json
-
-# progress(stage, done, total, detail): the CLI draws bars, the API may pass None.
-Progress = Callable[[str, int, int, str], None]
+from .tasks import Distilled, Progress, get_task, timed
+from .verify import fall_back, unpruned_latency, verify
 
 
 def _noop(stage: str, done: int, total: int, detail: str = "") -> None:
@@ -145,44 +155,24 @@ def _dir_mb(path: Path, pattern: str) -> float:
     return sum(p.stat().st_size for p in path.glob(pattern)) / 2**20
 
 
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], name: str, progress: Progress) -> Iterator[None]:
-    progress(name, 0, 1, "")
-    t = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - t, 2)
-    progress(name, 1, 1, "")
-
-
-@dataclasses.dataclass
-class Distilled:
-    """Everything up to and including distillation: what every target build starts from."""
-
-    task: TaskData
-    teacher: TextModel
-    student: TextModel
-    keep: list[int]
-    transfer: TransferSet
-    stats: DistillStats
-    adaptation: dict[str, Any] | None
-    unpruned: TextModel | None
-    timings: dict[str, float]
-    checkpoint: Path | None = None
-
-
 def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
-    """Load, adapt, derive, (apply ``backend``'s sparsity pattern), distill."""
+    """Load, adapt, derive, (apply ``backend``'s sparsity pattern), distill: the task's way."""
+    return get_task(cfg).distill_stage(cfg, backend, progress)
+
+
+def text_distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
+    """Text classification: transfer set, layer choice, derived student, KD + hidden matching."""
     timings: dict[str, float] = {}
     set_seed(cfg.seed)
-    with _timed(timings, "load data", progress):
+    with timed(timings, "load data", progress):
         task = load_data(cfg)
-    with _timed(timings, "load teacher", progress):
+    with timed(timings, "load teacher", progress):
         teacher = load_teacher(cfg.teacher, task.label_names, trust_remote_code=cfg.trust_remote_code)
         task = to_teacher_labels(task, teacher)
-    with _timed(timings, "adapt teacher", progress):
+    with timed(timings, "adapt teacher", progress):
         adaptation = adapt(teacher, task, cfg)
     unpruned = None
-    with _timed(timings, "derive student", progress):
+    with timed(timings, "derive student", progress):
         transfer = transfer_set(task, teacher, cfg)
         keep, selection = choose_layers(teacher, transfer, cfg)
         student, keep = derive_student(teacher, keep)
@@ -194,7 +184,7 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
             unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
             student = backend.prepare(student, _recipe(cfg))
     ckpt = checkpoint_dir(cfg, backend)
-    with _timed(timings, "distill", progress):
+    with timed(timings, "distill", progress):
         if (ckpt / "stats.json").is_file():  # an interrupted run got this far: resume
             student, stats = load_checkpoint(ckpt)
             progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
@@ -204,18 +194,19 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
                             progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
                             validation=validation)
             save_checkpoint(ckpt, student, stats)
-    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt)
+    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt,
+                     "text-classification")
 
 
 def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps: int,
              progress: Progress) -> Distilled:
     """A copy of a target-agnostic distilled student with ``backend``'s sparsity pattern and a
     short recovery distillation (masks fixed): one distillation serves many targets."""
-    if cfg.prune <= 0:
-        return d
+    if cfg.prune <= 0 or d.kind != "text-classification":
+        return d  # image students: no structured pattern to recover from (ImageModel.prune)
     student = backend.prepare(copy.deepcopy(d.student), _recipe(cfg))
     timings = dict(d.timings)
-    with _timed(timings, "recover", progress):
+    with timed(timings, "recover", progress):
         rcfg = dataclasses.replace(cfg.distill, steps=recovery_steps, evals=0)
         distill(d.teacher, student, d.transfer, d.keep, rcfg, cfg.seed)
     return dataclasses.replace(d, student=student, unpruned=d.student, timings=timings)
@@ -229,30 +220,30 @@ def _recipe(cfg: CompileConfig) -> Recipe:
 def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progress: Progress,
           start: float) -> dict[str, Any]:
     """Compile, evaluate, profile and verify into ``out``; returns the manifest (also written)."""
+    adapter = get_task(cfg)
     timings = dict(d.timings)
     task, teacher, student = d.task, d.teacher, d.student
     recipe = _recipe(cfg)
     with tempfile.TemporaryDirectory(prefix="fscompile-work-") as work_s:
         work = Path(work_s)
-        with _timed(timings, "compile", progress):
-            cal = calibration_set(student, d.transfer, cfg)
+        with timed(timings, "compile", progress):
+            cal = adapter.calibration(d, cfg)
             artifact = backend.compile(student, cal, out / "model", recipe)
-        with _timed(timings, "evaluate", progress):
-            evaluation = evaluate_all(task, teacher, student, backend.load(artifact), cfg.distill.max_length)
-        vocab = teacher.tokenizer.vocab_size
-        real_len = real_seq_len(task, student, cfg.distill.max_length)
-        with _timed(timings, "profile", progress):
-            save_torch(teacher, work / "teacher")
-            save_torch(student, work / "student")
-            prof = profile_all(work / "teacher", work / "student", artifact.path / artifact.model_file, vocab, cfg.seq_len,
+        with timed(timings, "evaluate", progress):
+            evaluation = adapter.evaluate(d, backend.load(artifact), cfg)
+        vocab, length, real_len = adapter.input_size(d, cfg)
+        with timed(timings, "profile", progress):
+            teacher.save_torch(work / "teacher")
+            student.save_torch(work / "student")
+            prof = profile_all(work / "teacher", work / "student", artifact.path / artifact.model_file, vocab, length,
                                cfg.profile_seconds, real_len)
-        with _timed(timings, "verify", progress):
-            unpruned_ms = (unpruned_latency(backend, d.unpruned, cal, recipe, work, vocab, cfg)
+        with timed(timings, "verify", progress):
+            unpruned_ms = (unpruned_latency(backend, d.unpruned, cal, recipe, work, vocab, length, cfg)
                            if d.unpruned is not None and backend.available()[0] else None)
             verification = verify(cfg, backend, evaluation, prof, unpruned_ms)
             if cfg.fallback and not verification["ok"]:
-                artifact, evaluation, prof = fall_back(task, teacher, student, cal, recipe, artifact, evaluation,
-                                                       prof, vocab, cfg)
+                artifact, evaluation, prof = fall_back(lambda run: adapter.evaluate(d, run, cfg), student, cal, recipe,
+                                                       artifact, evaluation, prof, vocab, length, cfg)
                 verification["fallback"] = artifact.info.get("fallback")
         sizes = {"teacher": _dir_mb(work / "teacher", "*.safetensors"),
                  "student": _dir_mb(work / "student", "*.safetensors"),
@@ -260,24 +251,26 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
     params = {"teacher": teacher.num_parameters(), "student": student.num_parameters(),
               "artifact": student.num_parameters()}
     timings["total"] = round(time.perf_counter() - start, 2)
+    transfer = d.transfer.origin if d.transfer is not None else []
     manifest = {
         "fscompile_version": _version(),
         "fingerprint": cfg.fingerprint(),
         "config": cfg.to_dict(),
+        "task": adapter.name,
         "target": {"name": backend.name, "device": backend.device, "precision": artifact.precision,
                    "export_only": cfg.export_only and not backend.available()[0]},
-        "teacher": {**teacher.info, "source": teacher.source, "label_names": teacher.label_names,
-                    "adaptation": d.adaptation},
+        "teacher": {**{k: v for k, v in teacher.info.items() if k != "masks"}, "source": teacher.source,
+                    "label_names": teacher.label_names, "adaptation": d.adaptation},
         "data": {"source": task.source, "columns": task.columns, "label_names": task.label_names,
                  "shot_split": task.shot_split, "shot_indices": task.shot_indices,
                  "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval),
-                 "real_seq_len": real_len},
-        "student": {"layers_kept": d.keep, "prepare": student.info.get("prepare"),
-                    "weights_sha256": weights_sha256(student),
+                 "input_length": length, "real_seq_len": real_len},
+        "student": {"architecture": getattr(student, "arch", None), "layers_kept": d.keep,
+                    "prepare": student.info.get("prepare"), "weights_sha256": weights_sha256(student),
                     "embeddings": student.info.get("embeddings"),
                     "layer_selection": student.info.get("layer_selection"), "parameters": params["student"]},
         "distillation": {**dataclasses.asdict(d.stats),
-                         "transfer_origin": {o: d.transfer.origin.count(o) for o in sorted(set(d.transfer.origin))}},
+                         "transfer_origin": {o: transfer.count(o) for o in sorted(set(transfer))}},
         "artifact": {"dir": "model", "model_file": artifact.model_file, **artifact.info},
         "metrics": evaluation,
         "verification": verification,
@@ -309,6 +302,24 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
         shutil.rmtree(d.checkpoint, ignore_errors=True)
     manifest["out_dir"] = str(out.resolve())
     return manifest
+
+
+class TextClassificationTask:
+    """The text-classification adapter: the stages above."""
+
+    name = "text-classification"
+
+    def distill_stage(self, cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
+        return text_distill_stage(cfg, backend, progress)
+
+    def calibration(self, d: Distilled, cfg: CompileConfig) -> CalibrationSet:
+        return calibration_set(d.student, d.transfer, cfg)
+
+    def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
+        return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length)
+
+    def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]:
+        return d.teacher.tokenizer.vocab_size, cfg.seq_len, real_seq_len(d.task, d.student, cfg.distill.max_length)
 
 
 def _version() -> str:

@@ -96,7 +96,10 @@ def latency(run: Callable[[], Any], warmup: int = 3, min_reps: int = 10, max_rep
 
 
 def synthetic_inputs(names: list[str], batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs: token ids of length ``seq_len``, or ``seq_len`` x ``seq_len`` images."""
     rng = np.random.default_rng(seed)
+    if "pixel_values" in names:
+        return {"pixel_values": rng.standard_normal((batch, 3, seq_len, seq_len), dtype=np.float32)}
     low = 1000 if vocab > 2000 else 5  # skip special and unused ids where the vocabulary has them
     out = {"input_ids": rng.integers(low, vocab, size=(batch, seq_len), dtype=np.int64),
            "attention_mask": np.ones((batch, seq_len), dtype=np.int64),
@@ -137,12 +140,12 @@ def _run_request(req: dict[str, Any]) -> dict[str, Any]:
     else:
         import torch
 
-        from .models.text import load_torch
+        from .models import load_any
 
         torch.set_num_threads(threads)
         base_rss = peak_rss_mb()
         t0 = time.perf_counter()
-        model = load_torch(Path(req["path"]))
+        model = load_any(Path(req["path"]))
         load_s = time.perf_counter() - t0
         names = model.input_names
 

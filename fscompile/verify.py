@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .backends import Artifact, Backend, Recipe, get_backend
 from .calibration import CalibrationSet
 from .config import CompileConfig
-from .data import TaskData
-from .evaluate import evaluate_all
-from .models.text import TextModel
 from .profile import ProfileRequest, profile_model
 
 
@@ -33,26 +31,26 @@ def verify(cfg: CompileConfig, backend: Backend, evaluation: dict[str, Any], pro
     return {"ok": not failed, "failed": failed, "checks": checks}
 
 
-def unpruned_latency(backend: Backend, unpruned: TextModel, cal: CalibrationSet, recipe: Recipe, work: Path,
-                     vocab: int, cfg: CompileConfig) -> float:
+def unpruned_latency(backend: Backend, unpruned: Any, cal: CalibrationSet, recipe: Recipe, work: Path,
+                     vocab: int, length: int, cfg: CompileConfig) -> float:
     """Batch-1 latency of the same student built without the sparsity pattern (weights do not
     change latency, so it is not distilled again)."""
     art = backend.compile(unpruned, cal, work / "unpruned", dataclasses.replace(recipe, prune=0.0))
-    req = ProfileRequest("onnx", str(art.path / art.model_file), vocab, cfg.seq_len, batches=(1,),
+    req = ProfileRequest("onnx", str(art.path / art.model_file), vocab, length, batches=(1,),
                          budget_s=cfg.profile_seconds)
     return profile_model(req)["batch1"]["p50_ms"]
 
 
-def fall_back(task: TaskData, teacher: TextModel, student: TextModel, cal: CalibrationSet, recipe: Recipe,
-              artifact: Artifact, evaluation: dict[str, Any], prof: dict[str, Any], vocab: int,
+def fall_back(evaluate: Callable[[Any], dict[str, Any]], student: Any, cal: CalibrationSet, recipe: Recipe,
+              artifact: Artifact, evaluation: dict[str, Any], prof: dict[str, Any], vocab: int, length: int,
               cfg: CompileConfig) -> tuple[Artifact, dict[str, Any], dict[str, Any]]:
     """--fallback: build the fp32 ONNX Runtime variant of the same student and ship whichever
     of the two is better (accuracy within tolerance first, then batch-1 latency)."""
     fp32 = get_backend("ort-fp32")
     tmp_dir = artifact.path.parent / "model.fp32"
     alt = fp32.compile(student, cal, tmp_dir, recipe)
-    alt_eval = evaluate_all(task, teacher, student, fp32.load(alt), cfg.distill.max_length)
-    alt_prof = profile_model(ProfileRequest("onnx", str(alt.path / alt.model_file), vocab, cfg.seq_len,
+    alt_eval = evaluate(fp32.load(alt))
+    alt_prof = profile_model(ProfileRequest("onnx", str(alt.path / alt.model_file), vocab, length,
                                             budget_s=cfg.profile_seconds))
 
     def key(ev: dict[str, Any], pr: dict[str, Any]) -> tuple[bool, float]:

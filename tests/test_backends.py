@@ -2,9 +2,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fscompile.backends import Recipe, get_backend, registered
 
 from fscompile.augment import build_transfer_set
-from fscompile.backends import Recipe, get_backend, registered
 from fscompile.config import CompileConfig
 from fscompile.errors import InputError
 from fscompile.models.text import derive_student, load_teacher
@@ -79,7 +79,6 @@ def test_prepare_prunes_ffn(tiny_teacher):
 @pytest.mark.parametrize("target", ["ort-int8", "cpu-vnni"])
 def test_four_bit_embeddings_shrink_the_table_and_keep_outputs(student, tmp_path, target):
     import onnx
-
     from fscompile.backends.onnxruntime import OrtRunner
 
     cal = _calib(student)

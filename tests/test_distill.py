@@ -122,7 +122,12 @@ def test_distillation_is_deterministic(tiny_teacher):
 
 
 def test_factorized_embeddings_roundtrip(tiny_teacher, tmp_path):
-    from fscompile.models.text import FactorizedEmbedding, factorize_embeddings, load_torch, save_torch
+    from fscompile.models.text import (
+        FactorizedEmbedding,
+        factorize_embeddings,
+        load_torch,
+        save_torch,
+    )
 
     student, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
     full = student.module.base.get_input_embeddings().weight.detach().clone()

@@ -8,10 +8,10 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-
 from fscompile.backends import Recipe, get_backend
 from fscompile.backends.cpu_vnni import vnni_flags
 from fscompile.backends.tensorrt import is_2to4, mask_2to4, tensorrt_status
+
 from fscompile.models.text import derive_student, load_teacher
 from tests.test_backends import _calib
 

@@ -8,7 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -105,6 +105,23 @@ class TextModel:
                              return_tensors="pt")
         return {k: enc[k] for k in self.input_names}
 
+    # What backends ask of any task's model (cf. ImageModel): ORT fusion, ops worth quantizing,
+    # export, the files beside the ONNX model, a torch copy for profiling, structured pruning.
+    fusion: ClassVar[str | None] = "bert"
+    quant_ops: ClassVar[tuple[str, ...]] = ("MatMul",)
+
+    def export_onnx(self, path: Path) -> None:
+        export_onnx(self, path)
+
+    def save_pretrained(self, out: Path) -> None:
+        save_pretrained(self, out)
+
+    def save_torch(self, out: Path) -> None:
+        save_torch(self, out)
+
+    def prune(self, rate: float) -> dict[str, Any]:
+        return {"pattern": "structured-ffn-channels", "rate": rate, **prune_ffn(self, rate)}
+
 
 def encoder_layers(base: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks of a BERT/RoBERTa/DistilBERT-style encoder."""
@@ -152,7 +169,12 @@ def _short(e: BaseException) -> str:
 def load_teacher(spec: str, label_names: list[str] | None = None, *,
                  trust_remote_code: bool = False) -> TextModel:
     """Load a BERT-family teacher from a Hub id, an alias or a local directory."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     source = resolve_source(spec)
     kw = {"trust_remote_code": trust_remote_code}
@@ -355,7 +377,12 @@ def save_torch(model: TextModel, out: Path) -> None:
 def load_torch(path: Path) -> TextModel:
     """Load a model written by :func:`save_torch` (safetensors only, no remote code)."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     meta = json.loads((path / HEAD_FILE).read_text())
     config = AutoConfig.from_pretrained(path)

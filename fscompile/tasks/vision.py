@@ -1,0 +1,294 @@
+"""Image classification: few-shot distillation of a torchvision teacher into a smaller one.
+
+The transfer set is the shots under torchvision's transforms v2 (random resized crop, flip,
+rotation, colour jitter, and MixUp/CutMix between shots), drawn fresh every step: images are
+cheap to augment and the teacher labels each variant on the fly.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..calibration import CalibrationSet
+from ..config import CompileConfig, DistillConfig
+from ..data.images import ImageTaskData
+from ..distill import DistillStats, kd_loss, set_seed
+from ..evaluate import metrics
+from ..models.vision import ImageModel, final_linear
+
+VISION_LR = 1e-3  # students start from random weights: a text-fine-tuning rate would barely move them
+
+
+def to_uint8(model: ImageModel, images: list[Any]) -> torch.Tensor:
+    """PIL images -> uint8 [N, 3, S, S] at the model's input size (augmentation works on these)."""
+    from PIL import Image
+
+    s = model.image_size
+    arr = np.stack([np.asarray(im.convert("RGB").resize((s, s), Image.BILINEAR)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+class Augmenter:
+    """Seeded transforms v2 pipeline: one random view per image, and mixing across images."""
+
+    def __init__(self, model: ImageModel, num_classes: int, seed: int, mix: float = 0.5) -> None:
+        from torchvision.transforms import v2
+
+        s = model.image_size
+        self.view = v2.Compose([v2.RandomResizedCrop(s, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                                v2.RandomApply([v2.RandomRotation(15)], p=0.3),
+                                v2.ColorJitter(0.3, 0.3, 0.3, 0.05)])
+        self.mixer = v2.RandomChoice([v2.MixUp(num_classes=num_classes), v2.CutMix(num_classes=num_classes)])
+        self.mix = mix
+        self.mean = torch.tensor(model.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(model.std).view(1, 3, 1, 1)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # v2 draws its parameters from torch's global generator: fork it to stay seeded here
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
+            views = torch.stack([self.view(im) for im in images])
+            if len(views) > 1 and torch.rand(1).item() < self.mix:
+                views = self.mixer(views.float(), labels)[0]  # the teacher labels the mixture itself
+        return self.normalise(views)
+
+
+def variants(model: ImageModel, task: ImageTaskData, n: int, seed: int) -> torch.Tensor:
+    """``n`` fixed augmented views of the shots (normalised): for calibration and validation."""
+    shots = to_uint8(model, [e.image for e in task.shots])
+    labels = torch.tensor([e.label for e in task.shots])
+    aug = Augmenter(model, task.num_labels, seed)
+    rng = np.random.default_rng(seed)
+    out = [aug.normalise(shots)]
+    while sum(len(o) for o in out) < n:
+        idx = torch.from_numpy(rng.choice(len(shots), size=min(32, len(shots)), replace=False))
+        out.append(aug(shots[idx], labels[idx]))
+    return torch.cat(out)[:n]
+
+
+def features(model: ImageModel, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Inputs of the classifier's last linear layer (the penultimate features)."""
+    _, _, layer = final_linear(model.module.net)
+    feats: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                model.module(x[i:i + batch])
+    finally:
+        hook.remove()
+    return torch.cat(feats)
+
+
+def fit_image_head(teacher: ImageModel, task: ImageTaskData, seed: int, views: int = 20) -> dict[str, Any]:
+    """A teacher trained on other classes (ImageNet weights) gets its final layer replaced by a
+    logistic regression fitted on the shots' features (several augmented views of each)."""
+    from sklearn.linear_model import LogisticRegression
+
+    shots = to_uint8(teacher, [e.image for e in task.shots])
+    labels = np.array([e.label for e in task.shots])
+    aug = Augmenter(teacher, task.num_labels, seed, mix=0.0)
+    xs = [aug.normalise(shots)] + [aug(shots, torch.from_numpy(labels)) for _ in range(views - 1)]
+    f = features(teacher, torch.cat(xs)).numpy()
+    y = np.tile(labels, views)
+    clf = LogisticRegression(max_iter=2000, C=1.0).fit(f, y)
+    parent, attr, old = final_linear(teacher.module.net)
+    head = torch.nn.Linear(old.in_features, task.num_labels)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(clf.coef_).float())
+        head.bias.copy_(torch.from_numpy(clf.intercept_).float())
+    setattr(parent, attr, head)
+    teacher.label_names, teacher.has_head = list(task.label_names), True
+    return {"method": "logistic regression on penultimate features", "views_per_shot": views,
+            "train_accuracy": float(clf.score(f, y))}
+
+
+def recalibrate_batchnorm(model: ImageModel, x: torch.Tensor, batch: int = 64) -> None:
+    """Re-estimate BatchNorm statistics on ``x`` (an exact average, not a running one).
+    Students start from scratch and train a few hundred steps: with torchvision's momentum
+    (0.01 in MobileNetV3) the running statistics would still be the initial ones."""
+    bns = [m for m in model.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches below
+    was_training = model.module.training
+    model.module.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            model.module(x[i:i + batch])
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.module.train(was_training)
+
+
+def _agreement(student: ImageModel, x: torch.Tensor, t_logits: torch.Tensor) -> float:
+    with torch.no_grad():
+        s = torch.cat([student.module(x[i:i + 128]).logits for i in range(0, len(x), 128)])
+    return float((s.argmax(-1) == t_logits.argmax(-1)).float().mean())
+
+
+def distill_images(teacher: ImageModel, student: ImageModel, task: ImageTaskData, cfg: DistillConfig, seed: int,
+                   progress: Callable[[int, int, float], None] | None = None,
+                   validation: torch.Tensor | None = None) -> DistillStats:
+    """KD on the teacher's logits over fresh augmented views each step; with ``validation``
+    (views never trained on) the checkpoint that agrees best with the teacher is kept."""
+    start = time.perf_counter()
+    set_seed(seed)
+    shots = to_uint8(student, [e.image for e in task.shots])
+    labels = torch.tensor([e.label for e in task.shots])
+    aug = Augmenter(student, task.num_labels, seed)
+    lr = cfg.lr if cfg.lr is not None else VISION_LR
+    model = student.module
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    warmup = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
+    v_logits = None
+    if validation is not None:
+        with torch.no_grad():
+            v_logits = torch.cat([teacher.module(validation[i:i + 128]).logits for i in range(0, len(validation), 128)])
+    eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if v_logits is not None else set()
+    gen = np.random.default_rng(seed)
+    bn_views = variants(student, task, 512, seed + 3)  # training-distribution views for BatchNorm statistics
+    teacher.module.eval()
+    ema, total, best, best_state, best_step, curve = math.nan, 0.0, -1.0, None, cfg.steps, []
+    batch = max(cfg.batch_size, 32)  # CNN students need larger batches than text fine-tuning (BatchNorm)
+    model.train()
+    for step in range(cfg.steps):
+        idx = torch.from_numpy(gen.choice(len(shots), size=batch, replace=len(shots) < batch))
+        x = aug(shots[idx], labels[idx])
+        with torch.no_grad():
+            t = teacher.module(x).logits
+        loss = kd_loss(model(x).logits, t, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        total += loss.item()
+        ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
+        if step + 1 in eval_at:
+            recalibrate_batchnorm(student, bn_views)
+            model.eval()
+            agree = _agreement(student, validation, v_logits)
+            model.train()
+            curve.append({"step": step + 1, "agreement": agree})
+            if agree > best:
+                best, best_step = agree, step + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if progress:
+            progress(step + 1, cfg.steps, ema)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        recalibrate_batchnorm(student, bn_views)
+    model.eval()
+    return DistillStats(steps=cfg.steps, transfer_size=len(shots), seconds=time.perf_counter() - start,
+                        final_loss=ema, losses={"kd": total / cfg.steps}, best_step=best_step, validation=curve)
+
+
+def image_calibration_set(student: ImageModel, task: ImageTaskData, cfg: CompileConfig,
+                          n_calibrate: int = 256, n_validate: int = 256, batch: int = 16) -> CalibrationSet:
+    """Calibrate on the shots plus augmented views; validate on other views (another seed)."""
+    cal = variants(student, task, n_calibrate, cfg.seed + 1).numpy()
+    val = variants(student, task, n_validate, cfg.seed + 7919).numpy()
+
+    def batches(x: np.ndarray) -> list[dict[str, np.ndarray]]:
+        return [{"pixel_values": np.ascontiguousarray(x[i:i + batch])} for i in range(0, len(x), batch)]
+
+    return CalibrationSet(calibrate=batches(cal), validate=batches(val))
+
+
+def predict_images(runner: Callable[[dict[str, np.ndarray]], np.ndarray], model: ImageModel,
+                   examples: list[Any], batch: int = 64) -> np.ndarray:
+    out = [np.asarray(runner({"pixel_values": model.preprocess([e.image for e in examples[i:i + batch]])}))
+           for i in range(0, len(examples), batch)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def torch_image_runner(model: ImageModel):
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.module(torch.from_numpy(batch["pixel_values"])).logits.float().numpy()
+    return run
+
+
+def evaluate_images(task: ImageTaskData, teacher: ImageModel, student: ImageModel, artifact_runner) -> dict[str, Any]:
+    """Accuracy, macro-F1 and agreement with the teacher on the evaluation images."""
+    labels = np.array([e.label for e in task.eval])
+    t_logits = predict_images(torch_image_runner(teacher), teacher, task.eval)
+    t_pred = t_logits.argmax(-1)
+    return {"teacher": metrics(t_logits, labels, t_pred),
+            "student": metrics(predict_images(torch_image_runner(student), student, task.eval), labels, t_pred),
+            "artifact": metrics(predict_images(artifact_runner, student, task.eval), labels, t_pred)}
+
+
+class ImageClassificationTask:
+    """The image-classification adapter."""
+
+    name = "image-classification"
+
+    def distill_stage(self, cfg: CompileConfig, backend: Any, progress: Any):
+        from ..checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+        from ..data.images import load_image_task
+        from ..errors import InputError
+        from ..models.vision import derive_image_student, load_image_teacher
+        from . import Distilled, timed
+
+        if cfg.embedding_bits != 8 or cfg.embedding_rank or cfg.distill.unlabeled:
+            raise InputError("--embedding-bits, --embedding-rank and --unlabeled apply to text models only")
+        timings: dict[str, float] = {}
+        set_seed(cfg.seed)
+        with timed(timings, "load data", progress):
+            task = load_image_task(cfg.data, cfg.shots, cfg.seed, cfg.max_eval)
+        with timed(timings, "load teacher", progress):
+            size = cfg.image_size or native_size(task)
+            teacher = load_image_teacher(cfg.teacher, task.label_names, size, cfg.weights)
+            if cfg.image_size:
+                teacher.image_size = cfg.image_size
+        with timed(timings, "adapt teacher", progress):
+            adaptation = None if teacher.has_head else fit_image_head(teacher, task, cfg.seed)
+        with timed(timings, "derive student", progress):
+            student = derive_image_student(teacher, cfg.student)
+            if backend is not None:
+                from ..pipeline import _recipe
+
+                student = backend.prepare(student, _recipe(cfg))
+        ckpt = checkpoint_dir(cfg, backend)
+        with timed(timings, "distill", progress):
+            if (ckpt / "stats.json").is_file():  # an interrupted run got this far: resume
+                student, stats = load_checkpoint(ckpt)
+                progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
+            else:
+                validation = variants(teacher, task, 256, cfg.seed + 7919) if cfg.distill.evals else None
+                stats = distill_images(teacher, student, task, cfg.distill, cfg.seed,
+                                       progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
+                                       validation=validation)
+                save_checkpoint(ckpt, student, stats)
+        return Distilled(task, teacher, student, [], None, stats, adaptation, None, timings, ckpt, self.name)
+
+    def calibration(self, d: Any, cfg: CompileConfig) -> CalibrationSet:
+        return image_calibration_set(d.student, d.task, cfg)
+
+    def evaluate(self, d: Any, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
+        return evaluate_images(d.task, d.teacher, d.student, runner)
+
+    def input_size(self, d: Any, cfg: CompileConfig) -> tuple[int, int, int | None]:
+        return 0, d.student.image_size, None
+
+
+def native_size(task: ImageTaskData) -> int:
+    """The data's own image side (median of the shots' longer sides), at least 32 pixels."""
+    return max(32, int(np.median([max(e.image.size) for e in task.shots])))

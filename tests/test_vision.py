@@ -1,0 +1,167 @@
+"""Image classification: loaders (folders, archives, MNIST idx), the vision adapter end to end."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+def _image(rgb, rng, size=32):
+    from PIL import Image
+
+    a = np.clip(np.array(rgb) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    """An image folder: train/ and test/ with three colour classes (a task a CNN learns fast)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 8)):
+        for name, rgb in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                _image(rgb, rng).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colour_teacher(colours, tmp_path_factory) -> Path:
+    """A resnet18 state dict trained here on the colour images (a real, accurate teacher)."""
+    import torch
+    import torchvision
+
+    from fscompile.data.images import load_image_splits
+
+    torch.manual_seed(0)
+    splits, _ = load_image_splits(str(colours / "train"))
+    names = sorted(COLOURS)
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im, _ in splits["all"]])).permute(0, 3, 1, 2)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    y = torch.tensor([names.index(c) for _, c in splits["all"]])
+    net = torchvision.models.get_model("resnet18", weights=None, num_classes=3)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    net.train()
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("teacher") / "resnet18-colours.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_folder_archive_and_idx_loaders(colours, tmp_path):
+    from fscompile.data.images import load_image_splits, load_image_task
+
+    task = load_image_task(str(colours), shots=2, seed=0)
+    assert task.label_names == ["blue", "green", "red"] and task.shot_split == "train" and task.eval_split == "test"
+    assert len(task.shots) == 6 and len(task.eval) == 24
+    assert load_image_task(str(colours), shots=2, seed=0).shot_indices == task.shot_indices  # seeded
+
+    # the same folder as a .tar.gz, plus members that must not escape or be followed
+    arc = tmp_path / "colours.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(colours, arcname="wrapped")
+        evil = tarfile.TarInfo("../../escape/red/x.png")
+        data = (colours / "train/red/0.png").read_bytes()
+        evil.size = len(data)
+        tf.addfile(evil, io.BytesIO(data))
+        link = tarfile.TarInfo("wrapped/train/red/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    splits, _ = load_image_splits(str(arc))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 30, "test": 24}  # ".." and links skipped
+    assert not (tmp_path.parent / "escape").exists()  # read in memory, never extracted
+
+    # MNIST idx files: a single split, evaluation on a held-out part, numeric class order
+    d = tmp_path / "mnist"
+    d.mkdir()
+    imgs = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    labels = np.array([i % 10 for i in range(40)], dtype=np.uint8)
+    (d / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + b"".join(
+        int(n).to_bytes(4, "big") for n in imgs.shape) + imgs.tobytes()))
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + (40).to_bytes(4, "big")
+                                                                + labels.tobytes()))
+    task = load_image_task(str(d), shots=1, seed=0)
+    assert task.label_names == [str(i) for i in range(10)] and len(task.shots) == 10
+    assert len(task.eval) == 20 and "held-out" in task.eval_split
+    assert task.shots[0].image.size == (8, 8) and task.shots[0].image.mode == "RGB"
+
+
+def test_image_compile_end_to_end(colours, colour_teacher, tmp_path):
+    import onnxruntime as ort
+
+    import fscompile
+
+    out = tmp_path / "out"
+    m = fscompile.compile("resnet18", weights=str(colour_teacher), data=str(colours), shots=5, steps=60,
+                          student="mobilenet_v3_small", profile_seconds=0.05, out=out)
+    assert m["task"] == "image-classification" and m["student"]["architecture"] == "mobilenet_v3_small"
+    assert m["metrics"]["teacher"]["accuracy"] >= 0.9
+    # distillation taught the student the teacher's function, far above chance (1/3)
+    assert m["metrics"]["student"]["agreement"] >= 0.7
+    assert abs(m["metrics"]["artifact"]["accuracy"] - m["metrics"]["student"]["accuracy"]) <= 0.15
+    assert m["artifact"]["calibration_samples"] > 0 and m["profile"]["artifact"]["batch1"]["p50_ms"] > 0
+    model = out / "model"
+    assert {"model.onnx", "config.json", "preprocessor_config.json"} <= {p.name for p in model.iterdir()}
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "blue", "1": "green", "2": "red"}
+    sess = ort.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["pixel_values"]
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    assert sess.run(["logits"], {"pixel_values": x})[0].shape == (3, 3)
+
+
+def test_teacher_with_other_classes_gets_a_refitted_head(colours, tmp_path):
+    import torch
+    import torchvision
+
+    from fscompile.data.images import load_image_task
+    from fscompile.models.vision import load_image_teacher
+    from fscompile.tasks.vision import fit_image_head
+
+    torch.manual_seed(0)
+    w = tmp_path / "five.pt"
+    torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=5).state_dict(), w)
+    task = load_image_task(str(colours), shots=4, seed=0)
+    teacher = load_image_teacher("resnet18", task.label_names, 32, str(w))
+    assert not teacher.has_head
+    info = fit_image_head(teacher, task, seed=0)
+    assert teacher.has_head and teacher.label_names == task.label_names
+    assert info["train_accuracy"] > 0.9  # colour is linearly separable even in random features
+    with torch.no_grad():
+        assert teacher.module(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["resnet18", "--weights", "{tmp}/garbage.pt"], "cannot load --weights"),
+    (["resnet18", "--weights", "{tmp}/state.pt", "--student", "not_a_net"], "unknown torchvision architecture"),
+    (["resnet18", "--weights", "{tmp}/state.pt", "--embedding-bits", "4"], "apply to text models only"),
+    (["resnet18", "--weights", "{tmp}/state.pt", "--data", "{tmp}/missing-dir/"], "does not exist"),
+])
+def test_image_input_errors_are_one_line(colours, tmp_path, args, message):
+    import torch
+    import torchvision
+
+    from fscompile.cli import main
+
+    (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
+    torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=3).state_dict(), tmp_path / "state.pt")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(colours)]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o"), "--steps", "2", "--quiet"])
+    assert r.exit_code == 3, r.output
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
