@@ -2,6 +2,8 @@
 
     python benchmarks/fewshot.py --shots 5,10,20 --seeds 5 --layers 3,2 --out bench-out/fewshot
 
+(artifacts with 4-bit word embeddings by default: --embedding-bits 8 for the faster, larger variant)
+
 For every shot count and draw (seed), in one run and on the same shots:
   fscompile          the full pipeline (transfer set, KD + hidden-state matching, INT8 artifact)
   fscompile+unlab    the same with N unlabeled sentences from the train split (--unlabeled N)
@@ -39,6 +41,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", default="3,2", help="student layer counts, comma-separated")
     p.add_argument("--unlabeled", type=int, default=0, help="also run with N unlabeled train sentences")
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
     p.add_argument("--baselines", default="finetune,logitkd,teacher,teacher-int8")
     p.add_argument("--out", default=str(REPO / "bench-out/fewshot"))
     p.add_argument("--max-eval", type=int, default=None)
@@ -212,6 +215,7 @@ def main() -> None:
                         t = time.perf_counter()
                         m = fscompile.compile(args.teacher, data=args.data, target="ort-int8", shots=shots, seed=seed,
                                               student_layers=layers, steps=args.steps, unlabeled=unl,
+                                              embedding_bits=args.embedding_bits,
                                               max_eval=args.max_eval, out=work / "run", force=True)
                         record({**base, "method": method, "layers": layers,
                                 "accuracy": m["metrics"]["artifact"]["accuracy"],

@@ -43,6 +43,9 @@ class Sweep:
     profile_seconds: float = 3.0
     peers: bool = True
     student_layers: str | None = None
+    student: str | None = None  # image tasks: student architecture
+    weights: str | None = None  # image tasks: teacher state dict
+    image_size: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> Sweep:
@@ -126,7 +129,8 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
     out_dir = Path(out)
     cfg = CompileConfig(teacher=sweep.teacher, data=sweep.data, target=sweep.targets[0], shots=shots, seed=seed,
                         prune=sweep.prune, max_eval=sweep.max_eval, profile_seconds=sweep.profile_seconds,
-                        student_layers=sweep.student_layers, distill=DistillConfig(steps=sweep.steps))
+                        student_layers=sweep.student_layers, student=sweep.student, weights=sweep.weights,
+                        image_size=sweep.image_size, distill=DistillConfig(steps=sweep.steps))
     start = time.perf_counter()
     base = distill_stage(cfg, None, _quiet)
     distill_s = time.perf_counter() - start

@@ -165,3 +165,19 @@ def test_image_input_errors_are_one_line(colours, tmp_path, args, message):
     assert r.exit_code == 3, r.output
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_image_bench_runs_through_the_same_tables(colours, colour_teacher, tmp_path):
+    from fscompile.cli import main
+
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(main, ["bench", "--teacher", "resnet18", "--weights", str(colour_teacher), "--data",
+                                  str(colours), "--student", "mobilenet_v3_small", "--targets", "ort-fp32,ort-int8",
+                                  "--shots", "2", "--seeds", "1", "--steps", "10", "--profile-seconds", "0.05",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    systems = {row.get("system") for row in rows}
+    assert {"fscompile ort-fp32", "fscompile ort-int8"} <= systems
+    assert all(0 <= row["accuracy"] <= 1 for row in rows if row.get("kind") == "fscompile")
+    assert "fscompile ort-int8" in (out / "table.md").read_text()
