@@ -120,9 +120,9 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
     import torch
 
     from .backends import get_backend
-    from .evaluate import real_seq_len
     from .peers import build_peers
-    from .pipeline import build, calibration_set, distill_stage, retarget
+    from .pipeline import build, distill_stage, retarget
+    from .tasks import get_task
 
     if threads:
         torch.set_num_threads(threads)
@@ -151,10 +151,9 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
                      "build_s": time.perf_counter() - t + distill_s, "distill_s": distill_s,
                      "layers_kept": m["student"]["layers_kept"], "verification": m["verification"]["failed"],
                      "compile_peak_rss_mb": m["compile_peak_rss_mb"], "device": m["device"]})
-    if sweep.peers and base.kind == "text-classification":  # the peer pipelines are text ones
-        cal = calibration_set(base.student, base.transfer, cfg)
-        real = real_seq_len(base.task, base.teacher, cfg.distill.max_length)
-        for r in build_peers(base.teacher, base.task, cal, cfg.seq_len, cfg.profile_seconds, real):
+    if sweep.peers:
+        adapter = get_task(cfg)
+        for r in build_peers(base, adapter, adapter.calibration(base, cfg), cfg):
             rows.append({**key, **r})
     rows.append({**key, "kind": "job-done", "seconds": time.perf_counter() - start})
     _append(out_dir / RESULTS, rows)

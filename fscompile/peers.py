@@ -11,52 +11,52 @@ import numpy as np
 
 from .backends.onnxruntime import OrtInt8Backend, OrtRunner, dynamic_int8, fuse
 from .calibration import CalibrationSet
-from .data import TaskData
-from .evaluate import metrics, predict, torch_runner
-from .models.text import TextModel, export_onnx
+from .config import CompileConfig
+from .evaluate import metrics
 from .profile import ProfileRequest, profile_model
+from .tasks import Distilled, TaskAdapter
 
 PEERS = ("teacher PyTorch fp32", "teacher ORT fp32", "teacher ORT dynamic INT8",
          "teacher fused + ORT dynamic INT8", "teacher ORT static INT8")
 
 
-def _row(name: str, logits: np.ndarray, task: TaskData, ref: np.ndarray, size_mb: float, prof: dict[str, Any],
-         build_s: float) -> dict[str, Any]:
-    labels = np.array([e.label for e in task.eval])
+def _row(name: str, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray, size_mb: float,
+         prof: dict[str, Any], build_s: float) -> dict[str, Any]:
     return {"system": name, "kind": "peer", **metrics(logits, labels, ref), "size_mb": size_mb,
             "profile": prof, "build_s": build_s}
 
 
-def build_peers(teacher: TextModel, task: TaskData, cal: CalibrationSet, seq_len: int, budget_s: float,
-                real_len: int | None, max_length: int = 128) -> list[dict[str, Any]]:
-    """One row per peer pipeline (see :data:`PEERS`)."""
-    vocab = teacher.tokenizer.vocab_size
-    names = teacher.input_names
+def build_peers(d: Distilled, adapter: TaskAdapter, cal: CalibrationSet, cfg: CompileConfig) -> list[dict[str, Any]]:
+    """One row per peer pipeline (see :data:`PEERS`; the fused one only where ORT's transformer
+    optimizer applies)."""
+    teacher = d.teacher
+    vocab, length, real_len = adapter.input_size(d, cfg)
+    labels = np.array([e.label for e in d.task.eval])
+    budget = cfg.profile_seconds
     rows = []
     with tempfile.TemporaryDirectory(prefix="fscompile-peers-") as tmp:
         work = Path(tmp)
         t = time.perf_counter()
         teacher.save_torch(work / "torch")
-        t_logits = predict(torch_runner(teacher), teacher.tokenizer, names, task.eval, max_length)
+        t_logits = adapter.logits(d, None, teacher)
         ref = t_logits.argmax(-1)
-        prof = profile_model(ProfileRequest("torch", str(work / "torch"), vocab, seq_len, budget_s=budget_s,
+        prof = profile_model(ProfileRequest("torch", str(work / "torch"), vocab, length, budget_s=budget,
                                             real_len=real_len))
         size = sum(p.stat().st_size for p in (work / "torch").glob("*.safetensors")) / 2**20
-        rows.append(_row(PEERS[0], t_logits, task, ref, size, prof, time.perf_counter() - t))
+        rows.append(_row(PEERS[0], t_logits, labels, ref, size, prof, time.perf_counter() - t))
 
         def onnx_peer(name: str, build) -> None:
             start = time.perf_counter()
             path = build()
             built = time.perf_counter() - start
-            logits = predict(OrtRunner(path), teacher.tokenizer, names, task.eval, max_length)
-            prof = profile_model(ProfileRequest("onnx", str(path), vocab, seq_len, budget_s=budget_s,
-                                                real_len=real_len))
-            rows.append(_row(name, logits, task, ref, path.stat().st_size / 2**20, prof, built))
+            logits = adapter.logits(d, OrtRunner(path), teacher)
+            prof = profile_model(ProfileRequest("onnx", str(path), vocab, length, budget_s=budget, real_len=real_len))
+            rows.append(_row(name, logits, labels, ref, path.stat().st_size / 2**20, prof, built))
 
         raw = work / "raw.onnx"
 
         def export() -> Path:
-            export_onnx(teacher, raw)
+            teacher.export_onnx(raw)
             return raw
 
         def fused_dynamic() -> Path:
@@ -70,6 +70,7 @@ def build_peers(teacher: TextModel, task: TaskData, cal: CalibrationSet, seq_len
 
         onnx_peer(PEERS[1], export)
         onnx_peer(PEERS[2], lambda: dynamic_int8(raw, work / "dyn.onnx", fused=False))
-        onnx_peer(PEERS[3], fused_dynamic)
+        if teacher.fusion:
+            onnx_peer(PEERS[3], fused_dynamic)
         onnx_peer(PEERS[4], static)
     return rows

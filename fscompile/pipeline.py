@@ -30,7 +30,7 @@ from .config import CompileConfig
 from .data import Example, TaskData, load_task_data, load_unlabeled
 from .distill import distill, set_seed
 from .errors import TargetUnavailable
-from .evaluate import evaluate_all, real_seq_len
+from .evaluate import evaluate_all, predict, real_seq_len, torch_runner
 from .models.text import (
     TextModel,
     align_labels,
@@ -320,6 +320,10 @@ class TextClassificationTask:
 
     def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]:
         return d.teacher.tokenizer.vocab_size, cfg.seq_len, real_seq_len(d.task, d.student, cfg.distill.max_length)
+
+    def logits(self, d: Distilled, runner: Any, model: TextModel, max_length: int = 128) -> np.ndarray:
+        """``model``'s logits on the evaluation rows, through ``runner`` (None: in PyTorch)."""
+        return predict(runner or torch_runner(model), model.tokenizer, model.input_names, d.task.eval, max_length)
 
 
 def _version() -> str:

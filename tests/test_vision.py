@@ -178,6 +178,8 @@ def test_image_bench_runs_through_the_same_tables(colours, colour_teacher, tmp_p
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     systems = {row.get("system") for row in rows}
-    assert {"fscompile ort-fp32", "fscompile ort-int8"} <= systems
+    assert {"fscompile ort-fp32", "fscompile ort-int8", "teacher PyTorch fp32", "teacher ORT fp32",
+            "teacher ORT dynamic INT8", "teacher ORT static INT8"} <= systems
+    assert "teacher fused + ORT dynamic INT8" not in systems  # no transformer to fuse in a CNN
     assert all(0 <= row["accuracy"] <= 1 for row in rows if row.get("kind") == "fscompile")
     assert "fscompile ort-int8" in (out / "table.md").read_text()

@@ -7,6 +7,7 @@ An adapter provides:
   ``calibration(d, cfg) -> CalibrationSet``               inputs that calibrate and choose INT8
   ``evaluate(d, runner, cfg) -> metrics``                 teacher / student / artifact
   ``input_size(d, cfg) -> (vocab, length, real_length)``  what profiling feeds
+  ``logits(d, runner, model) -> array``                   a model's outputs on the evaluation split
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ class TaskAdapter(Protocol):
     def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]: ...
 
     def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]: ...
+
+    def logits(self, d: Distilled, runner: Any, model: Any) -> Any: ...
 
 
 def task_name(cfg: CompileConfig) -> str:

@@ -288,6 +288,10 @@ class ImageClassificationTask:
     def input_size(self, d: Any, cfg: CompileConfig) -> tuple[int, int, int | None]:
         return 0, d.student.image_size, None
 
+    def logits(self, d: Any, runner: Any, model: ImageModel) -> np.ndarray:
+        """``model``'s logits on the evaluation images, through ``runner`` (None: in PyTorch)."""
+        return predict_images(runner or torch_image_runner(model), model, d.task.eval)
+
 
 def native_size(task: ImageTaskData) -> int:
     """The data's own image side (median of the shots' longer sides), at least 32 pixels."""
