@@ -46,7 +46,14 @@ class OrtRunner:
         self.names = [i.name for i in self.sess.get_inputs()]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        return self.sess.run(["logits"], {k: batch[k] for k in self.names})[0]
+        """``logits``; a model with several outputs (QA: start, end) gets them stacked last."""
+        outs = self.sess.run(None, {k: batch[k] for k in self.names})
+        return outs[0] if len(outs) == 1 else np.stack(outs, -1)
+
+
+def decisions(logits: np.ndarray) -> np.ndarray:
+    """What a model decides: the class, or per output the position (span logits [B, L, k])."""
+    return logits.argmax(1) if logits.ndim == 3 else logits.argmax(-1)
 
 
 def fuse(src: Path, dst: Path, model: TextModel, embed_layer_norm: bool = True) -> dict[str, int]:
@@ -271,11 +278,11 @@ class OrtInt8Backend(_OrtBackend):
     def _choose(reference: Path, candidates: dict[str, Path], calibration: CalibrationSet,
                 seq_len: int) -> tuple[str, dict[str, dict[str, float]]]:
         ref = OrtRunner(reference)
-        ref_pred = [ref(b).argmax(-1) for b in calibration.validate]
+        ref_pred = [decisions(ref(b)) for b in calibration.validate]
         table: dict[str, dict[str, float]] = {}
         for name, path in candidates.items():
             run = OrtRunner(path)
-            agree = np.concatenate([run(b).argmax(-1) == r for b, r in zip(calibration.validate, ref_pred)])
+            agree = np.concatenate([(decisions(run(b)) == r).reshape(-1) for b, r in zip(calibration.validate, ref_pred)])
             # a real validation row repeated to the profiling length: valid ids for any vocabulary
             probe = {k: np.resize(v[:1], (1, seq_len)) if v.ndim == 2 else v[:1]  # images keep their shape
                      for k, v in calibration.validate[0].items()}

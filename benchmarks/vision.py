@@ -106,8 +106,14 @@ def ce_on_shots(task, student_arch: str, size: int, seed: int, steps: int = 300)
     from fscompile.distill import set_seed
     from fscompile.evaluate import metrics
     from fscompile.models.vision import ImageClassifier, ImageModel, build_arch
-    from fscompile.tasks.vision import Augmenter, predict_images, recalibrate_batchnorm, to_uint8, torch_image_runner
-    from fscompile.tasks.vision import variants
+    from fscompile.tasks.vision import (
+        Augmenter,
+        predict_images,
+        recalibrate_batchnorm,
+        to_uint8,
+        torch_image_runner,
+        variants,
+    )
 
     set_seed(seed)
     model = ImageModel(ImageClassifier(build_arch(student_arch, task.num_labels)), student_arch, task.label_names,

@@ -87,8 +87,9 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for shots, augmentation and training.")
 @click.option("--student-layers", help="Teacher layers to keep: a count (3) or indices (0,2,4). Default: every other one.")
 @click.option("--task", default="auto", show_default=True,
-              type=click.Choice(["auto", "text-classification", "image-classification"]),
-              help="What the teacher does; auto: image-classification for torchvision names, else text.")
+              type=click.Choice(["auto", "text-classification", "image-classification", "question-answering"]),
+              help="What the teacher does; auto: torchvision names are image classification, local models "
+              "with a span head question answering, else text classification.")
 @click.option("--student", help="Image tasks: the student's torchvision architecture [default: mobilenet_v3_small].")
 @click.option("--weights", type=click.Path(), help="Image tasks: a local state dict for the teacher architecture "
               "(loaded with weights_only=True).")

@@ -16,7 +16,7 @@ TEACHER_ALIASES: dict[str, str] = {
 }
 
 
-TASKS = ("auto", "text-classification", "image-classification")
+TASKS = ("auto", "text-classification", "image-classification", "question-answering")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class CompileConfig:
 
     teacher: str = "minilm"
     data: str | None = None  # None = the embedded default set
-    task: str = "auto"  # text-classification | image-classification | auto (from the teacher)
+    task: str = "auto"  # text-classification | image-classification | question-answering | auto
     student: str | None = None  # image tasks: the student's torchvision architecture
     weights: str | None = None  # image tasks: a local state dict for the teacher architecture
     image_size: int | None = None  # image tasks: input side in pixels (default: the teacher's, else the data's)

@@ -7,12 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .backends.onnxruntime import OrtInt8Backend, OrtRunner, dynamic_int8, fuse
 from .calibration import CalibrationSet
 from .config import CompileConfig
-from .evaluate import metrics
 from .profile import ProfileRequest, profile_model
 from .tasks import Distilled, TaskAdapter
 
@@ -20,10 +17,8 @@ PEERS = ("teacher PyTorch fp32", "teacher ORT fp32", "teacher ORT dynamic INT8",
          "teacher fused + ORT dynamic INT8", "teacher ORT static INT8")
 
 
-def _row(name: str, logits: np.ndarray, labels: np.ndarray, ref: np.ndarray, size_mb: float,
-         prof: dict[str, Any], build_s: float) -> dict[str, Any]:
-    return {"system": name, "kind": "peer", **metrics(logits, labels, ref), "size_mb": size_mb,
-            "profile": prof, "build_s": build_s}
+def _row(name: str, scores: dict[str, Any], size_mb: float, prof: dict[str, Any], build_s: float) -> dict[str, Any]:
+    return {"system": name, "kind": "peer", **scores, "size_mb": size_mb, "profile": prof, "build_s": build_s}
 
 
 def build_peers(d: Distilled, adapter: TaskAdapter, cal: CalibrationSet, cfg: CompileConfig) -> list[dict[str, Any]]:
@@ -31,27 +26,25 @@ def build_peers(d: Distilled, adapter: TaskAdapter, cal: CalibrationSet, cfg: Co
     optimizer applies)."""
     teacher = d.teacher
     vocab, length, real_len = adapter.input_size(d, cfg)
-    labels = np.array([e.label for e in d.task.eval])
     budget = cfg.profile_seconds
     rows = []
     with tempfile.TemporaryDirectory(prefix="fscompile-peers-") as tmp:
         work = Path(tmp)
         t = time.perf_counter()
         teacher.save_torch(work / "torch")
-        t_logits = adapter.logits(d, None, teacher)
-        ref = t_logits.argmax(-1)
+        ref = adapter.predictions(d, None, teacher)
         prof = profile_model(ProfileRequest("torch", str(work / "torch"), vocab, length, budget_s=budget,
                                             real_len=real_len))
         size = sum(p.stat().st_size for p in (work / "torch").glob("*.safetensors")) / 2**20
-        rows.append(_row(PEERS[0], t_logits, labels, ref, size, prof, time.perf_counter() - t))
+        rows.append(_row(PEERS[0], adapter.score(d, ref, ref), size, prof, time.perf_counter() - t))
 
         def onnx_peer(name: str, build) -> None:
             start = time.perf_counter()
             path = build()
             built = time.perf_counter() - start
-            logits = adapter.logits(d, OrtRunner(path), teacher)
+            scores = adapter.score(d, adapter.predictions(d, OrtRunner(path), teacher), ref)
             prof = profile_model(ProfileRequest("onnx", str(path), vocab, length, budget_s=budget, real_len=real_len))
-            rows.append(_row(name, logits, labels, ref, path.stat().st_size / 2**20, prof, built))
+            rows.append(_row(name, scores, path.stat().st_size / 2**20, prof, built))
 
         raw = work / "raw.onnx"
 

@@ -30,7 +30,7 @@ from .config import CompileConfig
 from .data import Example, TaskData, load_task_data, load_unlabeled
 from .distill import distill, set_seed
 from .errors import TargetUnavailable
-from .evaluate import evaluate_all, predict, real_seq_len, torch_runner
+from .evaluate import evaluate_all, metrics, predict, real_seq_len, torch_runner
 from .models.text import (
     TextModel,
     align_labels,
@@ -321,9 +321,12 @@ class TextClassificationTask:
     def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]:
         return d.teacher.tokenizer.vocab_size, cfg.seq_len, real_seq_len(d.task, d.student, cfg.distill.max_length)
 
-    def logits(self, d: Distilled, runner: Any, model: TextModel, max_length: int = 128) -> np.ndarray:
+    def predictions(self, d: Distilled, runner: Any, model: TextModel, max_length: int = 128) -> np.ndarray:
         """``model``'s logits on the evaluation rows, through ``runner`` (None: in PyTorch)."""
         return predict(runner or torch_runner(model), model.tokenizer, model.input_names, d.task.eval, max_length)
+
+    def score(self, d: Distilled, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference.argmax(-1))
 
 
 def _version() -> str:

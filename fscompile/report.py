@@ -34,8 +34,13 @@ def table_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-HEADER = ("| model | accuracy | macro-F1 | agree | params (M) | MB | × smaller | b1 p50/p90/p99 ms "
+HEADER = ("| model | {acc} | {f1} | agree | params (M) | MB | × smaller | b1 p50/p90/p99 ms "
           "| b8 p50 ms | samples/s (b8) | × faster (b1) | peak RSS MB |")
+
+
+def metric_names(m: dict[str, Any]) -> tuple[str, str]:
+    """The two headline metrics' names: accuracy and macro-F1, or SQuAD's EM and F1 for QA."""
+    return ("EM", "F1") if m.get("task") == "question-answering" else ("accuracy", "macro-F1")
 
 
 def verification_lines(v: dict[str, Any] | None) -> list[str]:
@@ -68,10 +73,10 @@ def render_markdown(m: dict[str, Any]) -> str:
         f"# fscompile report: {cfg['teacher']} → {m['target']['name']}",
         "",
         f"{cfg['shots']} shots per class from `{data['source']}` ({data['shot_split']}, seed {cfg['seed']}); "
-        f"metrics on {data['eval_rows']} rows of {data['eval_split']}; latency at sequence length "
-        f"{cfg['seq_len']}, {m['profile']['artifact']['threads']} threads on {m['device']['cpu']['model']}.",
+        f"metrics on {data['eval_rows']} rows of {data['eval_split']}; latency at input size "
+        f"{data.get('input_length', cfg['seq_len'])}, {m['profile']['artifact']['threads']} threads on {m['device']['cpu']['model']}.",
         "",
-        HEADER,
+        HEADER.format(acc=metric_names(m)[0], f1=metric_names(m)[1]),
         "|" + "---|" * 12,
     ]
     for r in table_rows(m):
@@ -88,7 +93,7 @@ def render_markdown(m: dict[str, Any]) -> str:
         f"- Student: teacher layers {m['student']['layers_kept']} kept; "
         f"{m['distillation']['steps']} distillation steps on {m['distillation']['transfer_size']} transfer "
         f"examples ({', '.join(f'{k}: {v}' for k, v in m['distillation']['transfer_origin'].items())}).",
-        f"- Artifact keeps {m['metrics']['artifact']['accuracy'] / t_acc:.1%} of the teacher's accuracy."
+        f"- Artifact keeps {m['metrics']['artifact']['accuracy'] / t_acc:.1%} of the teacher's {metric_names(m)[0]}."
         if t_acc else "- Teacher accuracy is 0.",
     ]
     if m["teacher"].get("adaptation"):

@@ -14,7 +14,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .report import table_rows
+from .report import metric_names, table_rows
 
 console = Console(stderr=True)
 
@@ -46,7 +46,7 @@ def print_summary(m: dict[str, Any]) -> None:
     out = Console()
     out.width = max(out.width, 132)  # a pipe or CI log is 80 wide by default: too narrow for this table
     table = Table(title=f"{m['config']['teacher']} → {m['target']['name']}  ({m['out_dir']})")
-    for col in ("model", "accuracy", "macro-F1", "agree", "MB", "× smaller", "b1 p50 ms", "b1 p99 ms",
+    for col in ("model", *metric_names(m), "agree", "MB", "× smaller", "b1 p50 ms", "b1 p99 ms",
                 "b8 p50 ms", "× faster", "peak MB"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in table_rows(m):

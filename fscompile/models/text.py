@@ -260,8 +260,8 @@ def derive_student(teacher: TextModel, layers: str | list[int] | None) -> tuple[
     else:
         raise StageError("cannot replace the encoder layers of this architecture")
     _set_num_layers(module.base.config, len(keep))
-    student = TextModel(module, teacher.tokenizer, list(teacher.label_names), source=teacher.source,
-                        has_head=True, info={"layers_kept": keep, "teacher_layers": n})
+    student = type(teacher)(module, teacher.tokenizer, list(teacher.label_names), source=teacher.source,
+                            has_head=True, info={"layers_kept": keep, "teacher_layers": n})
     return student, keep
 
 
@@ -369,7 +369,10 @@ def save_torch(model: TextModel, out: Path) -> None:
     state = {k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}  # clone: no shared storage
     save_file(state, out / "model.safetensors")
     model.tokenizer.save_pretrained(out)
-    meta = {"kind": "hf" if isinstance(m, HFClassifier) else "mean-pool", "labels": model.label_names,
+    from .qa import HFQuestionAnswering
+
+    kind = "qa" if isinstance(m, HFQuestionAnswering) else "hf" if isinstance(m, HFClassifier) else "mean-pool"
+    meta = {"kind": kind, "labels": model.label_names,
             "normalize": getattr(m, "normalize", False), "embedding_rank": embedding_rank(model)}
     (out / HEAD_FILE).write_text(json.dumps(meta))
 
@@ -387,11 +390,19 @@ def load_torch(path: Path) -> TextModel:
     meta = json.loads((path / HEAD_FILE).read_text())
     config = AutoConfig.from_pretrained(path)
     config._attn_implementation = "eager"
-    if meta["kind"] == "hf":
-        module: nn.Module = HFClassifier(AutoModelForSequenceClassification.from_config(config))
+    cls = TextModel
+    if meta["kind"] == "qa":
+        from transformers import AutoModelForQuestionAnswering
+
+        from .qa import HFQuestionAnswering, QAModel
+
+        module: nn.Module = HFQuestionAnswering(AutoModelForQuestionAnswering.from_config(config))
+        cls = QAModel
+    elif meta["kind"] == "hf":
+        module = HFClassifier(AutoModelForSequenceClassification.from_config(config))
     else:
         module = MeanPoolClassifier(AutoModel.from_config(config), len(meta["labels"]), meta["normalize"])
-    model = TextModel(module, AutoTokenizer.from_pretrained(path), meta["labels"], source=str(path))
+    model = cls(module, AutoTokenizer.from_pretrained(path), meta["labels"], source=str(path))
     if meta.get("embedding_rank"):
         factorize_embeddings(model, meta["embedding_rank"])
     module.load_state_dict(load_file(path / "model.safetensors"), strict=True)

@@ -7,11 +7,12 @@ An adapter provides:
   ``calibration(d, cfg) -> CalibrationSet``               inputs that calibrate and choose INT8
   ``evaluate(d, runner, cfg) -> metrics``                 teacher / student / artifact
   ``input_size(d, cfg) -> (vocab, length, real_length)``  what profiling feeds
-  ``logits(d, runner, model) -> array``                   a model's outputs on the evaluation split
+  ``predictions(d, runner, model)``, ``score(d, preds, reference)``  any model's outputs and metrics
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,17 +65,30 @@ class TaskAdapter(Protocol):
 
     def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]: ...
 
-    def logits(self, d: Distilled, runner: Any, model: Any) -> Any: ...
+    def predictions(self, d: Distilled, runner: Any, model: Any) -> Any: ...
+
+    def score(self, d: Distilled, preds: Any, reference: Any) -> dict[str, Any]: ...
 
 
 def task_name(cfg: CompileConfig) -> str:
     """``cfg.task``, or from the teacher: torchvision names, ``--weights`` and directories of
-    earlier image runs are image classification; everything else is text."""
+    earlier image runs are image classification; local models with a span head are question
+    answering (a Hub id needs ``--task question-answering``); everything else is text."""
     if cfg.task != "auto":
         return cfg.task
     from ..models.vision import is_vision_teacher
 
-    return "image-classification" if is_vision_teacher(cfg.teacher, cfg.weights) else "text-classification"
+    if is_vision_teacher(cfg.teacher, cfg.weights):
+        return "image-classification"
+    config = Path(cfg.teacher).expanduser() / "config.json"
+    if config.is_file():  # a local model with a span head: question answering
+        try:
+            archs = json.loads(config.read_text()).get("architectures") or []
+        except (OSError, ValueError):
+            archs = []
+        if any(str(a).endswith("ForQuestionAnswering") for a in archs):
+            return "question-answering"
+    return "text-classification"
 
 
 def get_task(cfg: CompileConfig) -> TaskAdapter:
@@ -83,6 +97,10 @@ def get_task(cfg: CompileConfig) -> TaskAdapter:
         from .vision import ImageClassificationTask
 
         return ImageClassificationTask()
+    if name == "question-answering":
+        from .qa import QuestionAnsweringTask
+
+        return QuestionAnsweringTask()
     from ..pipeline import TextClassificationTask
 
     return TextClassificationTask()

@@ -288,9 +288,12 @@ class ImageClassificationTask:
     def input_size(self, d: Any, cfg: CompileConfig) -> tuple[int, int, int | None]:
         return 0, d.student.image_size, None
 
-    def logits(self, d: Any, runner: Any, model: ImageModel) -> np.ndarray:
+    def predictions(self, d: Any, runner: Any, model: ImageModel) -> np.ndarray:
         """``model``'s logits on the evaluation images, through ``runner`` (None: in PyTorch)."""
         return predict_images(runner or torch_image_runner(model), model, d.task.eval)
+
+    def score(self, d: Any, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference.argmax(-1))
 
 
 def native_size(task: ImageTaskData) -> int:

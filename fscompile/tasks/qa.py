@@ -1,0 +1,300 @@
+"""Extractive question answering (SQuAD 1.1 / 2.0): KD on start/end distributions, EM/F1.
+
+The student keeps a subset of the teacher's layers (as for text classification); the transfer
+set is the shots with their question or their context augmented; the teacher runs on the fly
+(span logits vary in length, so they are not cached). Answers are decoded the usual way: the
+best start/end pair inside the context (end >= start, at most 30 tokens) against the no-answer
+score at [CLS]; EM and F1 follow the official SQuAD 2.0 rules (an unanswerable question is
+right only when the prediction is empty).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..calibration import CalibrationSet, batches_from_encodings
+from ..config import CompileConfig, DistillConfig
+from ..data import Example
+from ..data.batching import length_sorted_batches, pad_batch
+from ..data.qa import QAExample, QATaskData
+from ..distill import TEXT_LR, DistillStats, hidden_loss, layer_map, set_seed
+from ..models.qa import QAModel
+
+QA_LENGTH = 384  # Hugging Face's convention for SQuAD: most contexts fit whole
+MAX_ANSWER_TOKENS = 30
+
+
+def qa_length(cfg: CompileConfig | None, model: QAModel) -> int:
+    """Tokens per question + context: 384 (or more if --max-length asks), within the model's positions."""
+    want = max(cfg.distill.max_length, QA_LENGTH) if cfg is not None else QA_LENGTH
+    return min(want, getattr(model.config, "max_position_embeddings", want))
+
+
+def encode(model: QAModel, examples: list[QAExample], max_length: int) -> Any:
+    """Question + context, the context truncated (never the question), with character offsets."""
+    return model.tokenizer([e.question for e in examples], [e.context for e in examples], truncation="only_second",
+                           max_length=max_length, return_offsets_mapping=True)
+
+
+def span_logits(runner: Callable[[dict[str, np.ndarray]], np.ndarray], model: QAModel, enc: Any,
+                batch_size: int = 32) -> list[np.ndarray]:
+    """Per example, its [tokens, 2] start/end scores (batched by length, padding cut off)."""
+    out: list[np.ndarray] = [np.empty(0)] * len(enc["input_ids"])
+    pad = model.tokenizer.pad_token_id or 0
+    for idx in length_sorted_batches(enc, batch_size):
+        logits = np.asarray(runner(pad_batch(enc, idx, model.input_names, pad)), dtype=np.float32)
+        for r, i in enumerate(idx):
+            out[i] = logits[r, :len(enc["input_ids"][i])]
+    return out
+
+
+def decode(logits: list[np.ndarray], enc: Any, examples: list[QAExample], top: int = 20) -> list[str]:
+    """The answer text per example ("" = no answer)."""
+    answers = []
+    for i, (lg, ex) in enumerate(zip(logits, examples)):
+        seq = enc.sequence_ids(i)
+        offsets = enc["offset_mapping"][i]
+        ctx = [j for j, s in enumerate(seq) if s == 1]
+        start, end = lg[:, 0], lg[:, 1]
+        null = start[0] + end[0]
+        best, span = -math.inf, None
+        if ctx:
+            lo, hi = ctx[0], ctx[-1]
+            starts = [j for j in np.argsort(start[lo:hi + 1])[::-1][:top] + lo]
+            ends = [j for j in np.argsort(end[lo:hi + 1])[::-1][:top] + lo]
+            for s in starts:
+                for e in ends:
+                    if s <= e < s + MAX_ANSWER_TOKENS and start[s] + end[e] > best:
+                        best, span = start[s] + end[e], (s, e)
+        answers.append(ex.context[offsets[span[0]][0]:offsets[span[1]][1]] if span and best > null else "")
+    return answers
+
+
+def normalize(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def f1_score(pred: str, gold: str) -> float:
+    p, g = normalize(pred).split(), normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((collections.Counter(p) & collections.Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(preds: list[str], examples: list[QAExample], reference: list[str] | None = None) -> dict[str, float]:
+    """EM and F1 (max over gold answers; unanswerable gold = [""]), as fractions; with the
+    teacher's answers, agreement = share of identical (normalised) answers. ``accuracy`` and
+    ``macro_f1`` carry EM and F1 so tables across tasks share their columns."""
+    em = [max(float(normalize(p) == normalize(g)) for g in (e.answers or ("",))) for p, e in zip(preds, examples)]
+    f1 = [max(f1_score(p, g) for g in (e.answers or ("",))) for p, e in zip(preds, examples)]
+    out = {"exact_match": float(np.mean(em)), "f1": float(np.mean(f1)), "n": len(examples)}
+    out.update(accuracy=out["exact_match"], macro_f1=out["f1"])
+    if reference is not None:
+        out["agreement"] = float(np.mean([normalize(p) == normalize(r) for p, r in zip(preds, reference)]))
+    return out
+
+
+def torch_qa_runner(model: QAModel):
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.module(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+    return run
+
+
+def _span_kd(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the start and of the end distributions over real tokens."""
+    neg = torch.finfo(s.dtype).min / 2
+    m = mask.unsqueeze(-1).bool()
+    s, t = s.masked_fill(~m, neg) / temperature, t.masked_fill(~m, neg) / temperature
+    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    return kl * temperature ** 2 / 2
+
+
+def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list[str], keep: list[int],
+               cfg: DistillConfig, seed: int, max_length: int,
+               progress: Callable[[int, int, float], None] | None = None,
+               validation: tuple[list[str], list[str]] | None = None) -> DistillStats:
+    """KD on span distributions + hidden-state matching of each kept layer to its teacher layer."""
+    start_t = time.perf_counter()
+    set_seed(seed)
+    tok = student.tokenizer
+    enc = tok(texts, pairs, truncation="only_second", max_length=max_length)
+    names, pad = student.input_names, tok.pad_token_id or 0
+    pairs_map = layer_map(keep)
+    model = student.module
+    params = [p for n, p in model.named_parameters() if "word_embeddings" not in n]  # frozen, as for text
+    for n, p in model.named_parameters():
+        p.requires_grad_("word_embeddings" not in n)
+    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else TEXT_LR, weight_decay=0.01)
+    warmup = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
+    v = None
+    if validation is not None:
+        v_enc = tok(validation[0], validation[1], truncation="only_second", max_length=max_length)
+        v_ref = [lg.argmax(0) for lg in span_logits(torch_qa_runner(teacher), teacher, v_enc)]
+        v = (v_enc, v_ref)
+    eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if v else set()
+    gen = np.random.default_rng(seed)
+    order: list[int] = []
+    totals = {"kd": 0.0, "hidden": 0.0}
+    ema, best, best_state, best_step, curve = math.nan, -1.0, None, cfg.steps, []
+    teacher.module.eval()
+    model.train()
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            order.extend(gen.permutation(len(texts)).tolist())
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = {k: torch.from_numpy(x) for k, x in pad_batch(enc, idx, names, pad).items()}
+        with torch.no_grad():
+            t_out = teacher.module(**batch, output_hidden_states=cfg.hidden_weight > 0)
+        out = model(**batch, output_hidden_states=cfg.hidden_weight > 0)
+        mask = batch["attention_mask"]
+        loss = _span_kd(out.logits.float(), t_out.logits.float(), mask, cfg.temperature)
+        totals["kd"] += loss.item()
+        if cfg.hidden_weight > 0:
+            h = sum(hidden_loss(out.hidden_states[s + 1], t_out.hidden_states[t + 1], mask)
+                    for s, t in pairs_map) / len(pairs_map)
+            loss = loss + cfg.hidden_weight * h
+            totals["hidden"] += h.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
+        if step + 1 in eval_at:
+            model.eval()
+            got = span_logits(torch_qa_runner(student), student, v[0])
+            agree = float(np.mean([np.array_equal(g.argmax(0), r) for g, r in zip(got, v[1])]))
+            model.train()
+            curve.append({"step": step + 1, "agreement": agree})
+            if agree > best:
+                best, best_step = agree, step + 1
+                best_state = {k: x.detach().clone() for k, x in model.state_dict().items()}
+        if progress:
+            progress(step + 1, cfg.steps, ema)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return DistillStats(steps=cfg.steps, transfer_size=len(texts), seconds=time.perf_counter() - start_t,
+                        final_loss=ema, losses={k: v_ / cfg.steps for k, v_ in totals.items()}, layer_map=pairs_map,
+                        best_step=best_step, validation=curve)
+
+
+def as_examples(task: QATaskData) -> list[Example]:
+    """Shots as (question, context) text pairs, for the text augmentations."""
+    return [Example(e.question, e.label, e.context) for e in task.shots]
+
+
+def evaluate_qa(task: QATaskData, teacher: QAModel, student: QAModel, artifact_runner: Any,
+                max_length: int) -> dict[str, Any]:
+    enc = encode(student, task.eval, max_length)
+    ref = decode(span_logits(torch_qa_runner(teacher), teacher, enc), enc, task.eval)
+    stu = decode(span_logits(torch_qa_runner(student), student, enc), enc, task.eval)
+    art = decode(span_logits(artifact_runner, student, enc), enc, task.eval)
+    return {"teacher": squad_metrics(ref, task.eval, ref), "student": squad_metrics(stu, task.eval, ref),
+            "artifact": squad_metrics(art, task.eval, ref)}
+
+
+class QuestionAnsweringTask:
+    """The extractive-QA adapter."""
+
+    name = "question-answering"
+
+    def distill_stage(self, cfg: CompileConfig, backend: Any, progress: Any):
+        import copy
+
+        from ..augment import TransferSet, build_transfer_set, vocabulary_words
+        from ..checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+        from ..data.qa import load_qa_task
+        from ..errors import InputError
+        from ..models.qa import load_qa_teacher
+        from ..models.text import derive_student, parse_layers
+        from ..pipeline import _recipe
+        from . import Distilled, timed
+
+        if cfg.embedding_rank or cfg.distill.unlabeled:
+            raise InputError("--embedding-rank and --unlabeled apply to text classification only")
+        timings: dict[str, float] = {}
+        set_seed(cfg.seed)
+        with timed(timings, "load data", progress):
+            task = load_qa_task(cfg.data, cfg.shots, cfg.seed, cfg.max_eval)
+        with timed(timings, "load teacher", progress):
+            teacher = load_qa_teacher(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        length = qa_length(cfg, teacher)
+        unpruned = None
+        with timed(timings, "derive student", progress):
+            mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
+            ops = tuple(o for o in cfg.distill.ops.split(",") if o != "near")
+            from ..augment import Lexicon
+
+            transfer = build_transfer_set(as_examples(task), cfg.distill.augment, cfg.seed, mask, None, ops,
+                                          Lexicon(vocabulary_words(teacher.tokenizer)))
+            n = len(teacher.layers())
+            plan = parse_layers(cfg.student_layers, n)
+            if isinstance(plan, int):  # a count: evenly spaced (measured selection is built for classifiers)
+                plan = sorted({int(round(x)) for x in np.linspace(0, n - 1, plan)})
+            student, keep = derive_student(teacher, plan)
+            if backend is not None:
+                unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
+                student = backend.prepare(student, _recipe(cfg))
+        ckpt = checkpoint_dir(cfg, backend)
+        with timed(timings, "distill", progress):
+            if (ckpt / "stats.json").is_file():
+                student, stats = load_checkpoint(ckpt)
+                progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
+            else:
+                val = build_transfer_set(as_examples(task), max(1, 256 // len(task.shots)), cfg.seed + 7919, mask,
+                                         None, ops, Lexicon(vocabulary_words(teacher.tokenizer)))
+                k = len(task.shots)
+                validation = (val.texts[k:], val.pairs[k:]) if cfg.distill.evals and val.pairs else None
+                stats = distill_qa(teacher, student, transfer.texts, transfer.pairs or [], keep, cfg.distill, cfg.seed,
+                                   length, lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"), validation)
+                save_checkpoint(ckpt, student, stats)
+        assert isinstance(transfer, TransferSet)
+        return Distilled(task, teacher, student, keep, transfer, stats, None, unpruned, timings, ckpt, self.name)
+
+    def calibration(self, d: Any, cfg: CompileConfig) -> CalibrationSet:
+        rng = np.random.default_rng(cfg.seed + 1)
+        order = rng.permutation(len(d.transfer)).tolist()
+        length = qa_length(cfg, d.student)
+
+        def batches(idx: list[int]) -> list[dict[str, np.ndarray]]:
+            enc = d.student.tokenizer([d.transfer.texts[i] for i in idx], [d.transfer.pairs[i] for i in idx],
+                                      truncation="only_second", max_length=length)
+            return batches_from_encodings(enc, d.student.input_names, d.student.tokenizer.pad_token_id or 0)
+
+        half = min(128, len(order) // 2)
+        return CalibrationSet(calibrate=batches(order[:half]), validate=batches(order[half:half + 128] or order[:half]))
+
+    def evaluate(self, d: Any, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
+        return evaluate_qa(d.task, d.teacher, d.student, runner, qa_length(cfg, d.student))
+
+    def input_size(self, d: Any, cfg: CompileConfig) -> tuple[int, int, int | None]:
+        length = qa_length(cfg, d.student)
+        enc = encode(d.student, d.task.eval[:512], length)
+        return d.teacher.tokenizer.vocab_size, length, int(np.median([len(x) for x in enc["input_ids"]]))
+
+    def predictions(self, d: Any, runner: Any, model: QAModel) -> list[str]:
+        """``model``'s answers on the evaluation questions, through ``runner`` (None: in PyTorch)."""
+        enc = encode(model, d.task.eval, qa_length(None, model))
+        return decode(span_logits(runner or torch_qa_runner(model), model, enc), enc, d.task.eval)
+
+    def score(self, d: Any, preds: list[str], reference: list[str]) -> dict[str, Any]:
+        return squad_metrics(preds, d.task.eval, reference)

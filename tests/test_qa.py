@@ -1,0 +1,137 @@
+"""Extractive QA: SQuAD loading, answer decoding, EM/F1, and the adapter end to end on a tiny model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import WORDS, _config, _tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_qa(tmp_path_factory) -> Path:
+    """A tiny BertForQuestionAnswering, random weights."""
+    import torch
+    from transformers import BertForQuestionAnswering
+
+    path = tmp_path_factory.mktemp("tiny-qa")
+    tok = _tokenizer(path)
+    torch.manual_seed(0)
+    BertForQuestionAnswering(_config(len(tok))).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def squad_file(tmp_path_factory) -> Path:
+    """SQuAD 2.0-format data: 6 articles, answerable and unanswerable questions."""
+    rng = np.random.default_rng(0)
+    words = sorted(WORDS)
+    data = []
+    for a in range(6):
+        paragraphs = []
+        for p in range(2):
+            context = " ".join(rng.choice(words, 40))
+            qas = []
+            for q in range(3):
+                i = int(rng.integers(0, 35))
+                span = " ".join(context.split()[i:i + 2])
+                qas.append({"id": f"{a}-{p}-{q}", "question": " ".join(rng.choice(words, 6)) + "?",
+                            "answers": [{"text": span, "answer_start": context.index(span)}], "is_impossible": False})
+            qas.append({"id": f"{a}-{p}-x", "question": "what is not here?", "answers": [], "is_impossible": True})
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"article {a}", "paragraphs": paragraphs})
+    path = tmp_path_factory.mktemp("squad") / "dev-v2.0.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return path
+
+
+def test_squad_loader_holds_out_whole_articles(squad_file):
+    from fscompile.data.qa import load_qa_task
+
+    task = load_qa_task(str(squad_file), shots=2, seed=0)
+    assert task.label_names == ["answerable", "unanswerable"]
+    assert sorted(e.label for e in task.shots) == [0, 0, 1, 1]
+    assert {e.title for e in task.shots}.isdisjoint({e.title for e in task.eval})
+    assert load_qa_task(str(squad_file), shots=2, seed=0).shot_indices == task.shot_indices
+
+
+def test_squad_metrics_and_decoding(tiny_qa, squad_file):
+    from fscompile.data.qa import QAExample
+    from fscompile.models.qa import load_qa_teacher
+    from fscompile.tasks.qa import decode, encode, f1_score, normalize, squad_metrics
+
+    assert normalize("The  Cat, sat!") == "cat sat"
+    assert f1_score("the cat sat", "cat sat down") == pytest.approx(0.8)
+    ex = [QAExample("1", "who?", "alpha beta gamma", ("beta",), (6,)), QAExample("2", "why?", "alpha", (), ())]
+    m = squad_metrics(["Beta.", ""], ex, reference=["beta", "alpha"])
+    assert m["exact_match"] == 1.0 and m["f1"] == 1.0 and m["agreement"] == 0.5
+    assert squad_metrics(["alpha", "alpha"], ex)["exact_match"] == 0.0  # answering the unanswerable is wrong
+
+    model = load_qa_teacher(str(tiny_qa))
+    w = [x for x in sorted(WORDS) if x.isalpha()][:4]
+    context = " ".join(w)
+    qa = [QAExample("1", f"{w[0]}?", context, (f"{w[1]} {w[2]}",), (len(w[0]) + 1,))]
+    enc = encode(model, qa, 64)
+    toks = enc.tokens(0)
+    s = toks.index(w[1], toks.index("[SEP]"))
+    logits = np.zeros((len(toks), 2), dtype=np.float32)
+    logits[s, 0] = logits[s + 1, 1] = 5.0
+    assert decode([logits], enc, qa) == [f"{w[1]} {w[2]}"]
+    logits[0] = 20.0  # the no-answer score at [CLS] wins
+    assert decode([logits], enc, qa) == [""]
+
+
+def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    import fscompile
+    from fscompile.models.text import load_torch
+
+    out = tmp_path / "out"
+    m = fscompile.compile(str(tiny_qa), data=str(squad_file), shots=2, steps=8, augment=3, student_layers="0,2",
+                          profile_seconds=0.02, out=out)
+    assert m["task"] == "question-answering" and m["student"]["layers_kept"] == [0, 2]
+    for who in ("teacher", "student", "artifact"):
+        assert {"exact_match", "f1", "agreement"} <= set(m["metrics"][who])
+        assert 0 <= m["metrics"][who]["f1"] <= 1
+    assert m["metrics"]["teacher"]["agreement"] == 1.0
+    assert "| model | EM | F1 |" in (out / "report.md").read_text()
+    sess = ort.InferenceSession(str(out / "model/model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["start_logits", "end_logits"]
+    cfg = json.loads((out / "model/config.json").read_text())
+    assert cfg["architectures"] == ["BertForQuestionAnswering"]
+    # the torch copy written for profiling round-trips as a QA model
+    from fscompile.models.qa import QAModel, load_qa_teacher
+
+    teacher = load_qa_teacher(str(tiny_qa))
+    teacher.save_torch(tmp_path / "copy")
+    again = load_torch(tmp_path / "copy")
+    assert isinstance(again, QAModel)
+    x = teacher.encode(["who?"], ["someone here"])
+    with torch.no_grad():
+        assert torch.allclose(again.module(**x).logits, teacher.module(**x).logits, atol=1e-6)
+
+
+def test_classifier_teacher_is_refused_for_qa(tiny_teacher, squad_file, tmp_path):
+    from click.testing import CliRunner
+
+    from fscompile.cli import main
+
+    r = CliRunner().invoke(main, [str(tiny_teacher), "--task", "question-answering", "--data", str(squad_file),
+                                  "--shots", "2", "--out", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 3 and "no question-answering head" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_real_squad_subset_loads(shared):
+    from fscompile.data.qa import load_qa_task
+
+    task = load_qa_task(str(shared / "data/squad_v2/dev-v2.0.cs224n-subset.json"), shots=10, seed=0)
+    assert len(task.shots) == 20 and len(task.eval) > 1000
+    assert any(not e.answers for e in task.eval) and any(e.answers for e in task.eval)
+    for e in task.shots:
+        for text, start in zip(e.answers, e.starts):
+            assert e.context[start:start + len(text)] == text
