@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -23,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("FSCOMPILE_SHARED", REPO.parent / "shared"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SHARED, Results  # noqa: E402
 SOURCES = {"cifar10": SHARED / "data/cifar10/cifar10_test_jpeg_q75.tar.gz", "mnist": SHARED / "data/mnist"}
 
 
@@ -142,14 +140,8 @@ def main() -> None:
     from fscompile.data.images import load_image_task
 
     out = Path(args.out or REPO / f"bench-out/vision-{args.dataset}")
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+    results = Results(out)
+    rows, record = results.rows, results.record
 
     with tempfile.TemporaryDirectory(prefix="fscompile-vision-") as tmp:
         root = Path(tmp) / args.dataset
