@@ -93,14 +93,14 @@ def fine_tune_teacher(root: Path, base: str, epochs: float, out: Path, max_lengt
     for step in range(steps):
         idx = torch.randint(0, len(rows), (16,), generator=gen)
         width = int(enc["attention_mask"][idx].sum(1).max())
-        out = model(input_ids=enc["input_ids"][idx, :width], attention_mask=enc["attention_mask"][idx, :width],
+        res = model(input_ids=enc["input_ids"][idx, :width], attention_mask=enc["attention_mask"][idx, :width],
                     token_type_ids=enc["token_type_ids"][idx, :width], start_positions=y[0][idx], end_positions=y[1][idx])
         opt.zero_grad()
-        out.loss.backward()
+        res.loss.backward()
         opt.step()
         sched.step()
         if step % 25 == 0:
-            print(f"teacher step {step}/{steps} loss {out.loss.item():.3f}", file=sys.stderr, flush=True)
+            print(f"teacher step {step}/{steps} loss {res.loss.item():.3f}", file=sys.stderr, flush=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return {"teacher_steps": steps, "teacher_train_s": time.perf_counter() - t, "teacher_questions": len(rows)}

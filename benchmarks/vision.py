@@ -34,6 +34,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--teacher-arch", default="resnet18")
     p.add_argument("--student", default="mobilenet_v3_small")
     p.add_argument("--epochs", type=int, default=8, help="teacher training epochs on part A")
+    p.add_argument("--teacher-weights", help="reuse a teacher this script trained before (same split)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1000)
@@ -147,7 +148,15 @@ def main() -> None:
         root = Path(tmp) / args.dataset
         classes = split_to_folders(Path(args.source or SOURCES[args.dataset]), root)
         weights = Path(tmp) / "teacher.pt"
-        info = train_teacher(root, classes, args.teacher_arch, args.epochs, weights)
+        if args.teacher_weights:
+            import shutil
+
+            shutil.copy(args.teacher_weights, weights)
+            info = {"teacher_steps": f"{args.epochs} epochs (reused)", "image_size": 32}  # train_teacher: at least 32 px
+        else:
+            info = train_teacher(root, classes, args.teacher_arch, args.epochs, weights)
+            shutil_copy = out / f"teacher-{args.teacher_arch}.pt"
+            shutil_copy.write_bytes(weights.read_bytes())  # kept for reruns (--teacher-weights)
         for seed in range(args.seeds):
             t = time.perf_counter()
             m = fscompile.compile(args.teacher_arch, weights=str(weights), data=str(root), shots=args.shots, seed=seed,

@@ -104,7 +104,7 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--embedding-rank", default=0, show_default=True, type=int,
               help="Factorise the word embeddings to this rank (0 = keep them full).")
 @click.option("--embedding-bits", default=8, show_default=True, type=int,
-              help="Bits of the word-embedding table in CPU INT8 artifacts: 8, or 4 (block-wise, ~30%% smaller "
+              help="Bits of the word-embedding table in CPU INT8 artifacts: 8, or 4 (block-wise, ~30% smaller "
               "artifact, slightly slower: the embedding LayerNorm is no longer fused).")
 @click.option("--bits", default=8, show_default=True, type=int, help="Quantization bits.")
 @click.option("--calibration", default="auto", show_default=True,
