@@ -42,3 +42,15 @@ def load_checkpoint(ckpt: Path) -> tuple[Any, DistillStats]:
     stats = DistillStats(**json.loads((ckpt / "stats.json").read_text()))
     stats.resumed_from = str(ckpt)
     return student, stats
+
+
+def resume_or_distill(ckpt: Path, student: Any, progress: Any, train: Any) -> tuple[Any, DistillStats]:
+    """The student checkpointed at ``ckpt`` by an interrupted run of this configuration, or
+    ``student`` after ``train()`` (which distils it in place and returns the stats), checkpointed."""
+    if (ckpt / "stats.json").is_file():
+        student, stats = load_checkpoint(ckpt)
+        progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
+        return student, stats
+    stats = train()
+    save_checkpoint(ckpt, student, stats)
+    return student, stats

@@ -25,7 +25,7 @@ from .augment import (
 )
 from .backends import Backend, Recipe, get_backend
 from .calibration import CalibrationSet, batches_from_encodings
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, resume_or_distill
 from .config import CompileConfig
 from .data import Example, TaskData, load_task_data, load_unlabeled
 from .distill import distill, set_seed
@@ -185,15 +185,10 @@ def text_distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Pr
             student = backend.prepare(student, _recipe(cfg))
     ckpt = checkpoint_dir(cfg, backend)
     with timed(timings, "distill", progress):
-        if (ckpt / "stats.json").is_file():  # an interrupted run got this far: resume
-            student, stats = load_checkpoint(ckpt)
-            progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
-        else:
-            validation = validation_set(task, teacher, cfg) if cfg.distill.evals else None
-            stats = distill(teacher, student, transfer, keep, cfg.distill, cfg.seed,
-                            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
-                            validation=validation)
-            save_checkpoint(ckpt, student, stats)
+        student, stats = resume_or_distill(ckpt, student, progress, lambda: distill(
+            teacher, student, transfer, keep, cfg.distill, cfg.seed,
+            validation=validation_set(task, teacher, cfg) if cfg.distill.evals else None,
+            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}")))
     return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt,
                      "text-classification")
 

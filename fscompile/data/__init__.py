@@ -28,11 +28,12 @@ class Example:
 
 @dataclass
 class TaskData:
-    """The few shots, the evaluation split and what they came from."""
+    """The few shots, the evaluation split and what they came from (rows are ``Example``s for
+    text classification, ``ImageExample``s or ``QAExample``s for the other tasks)."""
 
     label_names: list[str]
-    shots: list[Example]
-    eval: list[Example]
+    shots: list[Any]
+    eval: list[Any]
     shot_split: str
     shot_indices: list[int]
     eval_split: str

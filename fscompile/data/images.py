@@ -9,14 +9,14 @@ import gzip
 import io
 import tarfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from . import sample_shots
+from . import TaskData, sample_shots
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 SPLIT_NAMES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
@@ -32,23 +32,8 @@ class ImageExample:
     label: int
 
 
-@dataclass
-class ImageTaskData:
-    """The few shots, the evaluation split and what they came from (cf. ``TaskData``)."""
-
-    label_names: list[str]
-    shots: list[ImageExample]
-    eval: list[ImageExample]
-    shot_split: str
-    shot_indices: list[int]
-    eval_split: str
-    source: str
-    columns: dict[str, str | None] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
+# An image task is a TaskData whose shots and evaluation rows are ImageExamples.
+ImageTaskData = TaskData
 
 
 Splits = dict[str, list[tuple[Any, str]]]  # split -> [(PIL image, class name)]
@@ -240,4 +225,5 @@ def load_image_task(spec: str | None, shots: int, seed: int = 0, max_eval: int |
     return ImageTaskData(label_names=classes,
                          shots=[ImageExample(pool[i][0], to_id[pool[i][1]]) for i in chosen],
                          eval=[ImageExample(img, to_id[c]) for img, c in eval_rows if c in to_id],
-                         shot_split=shot_split, shot_indices=chosen, eval_split=eval_split, source=source)
+                         shot_split=shot_split, shot_indices=chosen, eval_split=eval_split, source=source,
+                         columns={"image": "image", "label": "class folder"})

@@ -7,14 +7,13 @@ articles are held out for evaluation so no context is shared between shots and e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from . import sample_shots
+from . import TaskData, sample_shots
 
 
 @dataclass(frozen=True)
@@ -33,23 +32,8 @@ class QAExample:
         return 0 if self.answers else 1
 
 
-@dataclass
-class QATaskData:
-    """The few shots, the evaluation split and what they came from (cf. ``TaskData``)."""
-
-    label_names: list[str]
-    shots: list[QAExample]
-    eval: list[QAExample]
-    shot_split: str
-    shot_indices: list[int]
-    eval_split: str
-    source: str
-    columns: dict[str, str | None] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
+# A QA task is a TaskData whose shots and evaluation rows are QAExamples.
+QATaskData = TaskData
 
 
 def _from_squad_json(path: Path) -> list[QAExample]:

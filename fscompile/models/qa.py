@@ -4,32 +4,22 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError, StageError
-from .text import Output, TextModel, _short, encoder_layers, resolve_source
+from .text import HFClassifier, TextModel, _short, encoder_layers, resolve_source
 
 
-class HFQuestionAnswering(nn.Module):
+class HFQuestionAnswering(HFClassifier):
     """A Hugging Face ``*ForQuestionAnswering`` model; ``logits`` stacks the start and end
     scores as [batch, tokens, 2] so the distiller and runners see one tensor."""
 
-    def __init__(self, hf: nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    @property
-    def base(self) -> nn.Module:
-        return self.hf.base_model
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
-                output_hidden_states=False, output_attentions=False) -> Output:
-        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True,
-                      output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kw)
-        return Output(torch.stack([out.start_logits, out.end_logits], -1), out.hidden_states, out.attentions)
+    @staticmethod
+    def logits_of(out: Any) -> torch.Tensor:
+        return torch.stack([out.start_logits, out.end_logits], -1)
 
 
 class QAModel(TextModel):

@@ -41,7 +41,11 @@ class HFClassifier(nn.Module):
         kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True,
                       output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kw)
-        return Output(out.logits, out.hidden_states, out.attentions)
+        return Output(self.logits_of(out), out.hidden_states, out.attentions)
+
+    @staticmethod
+    def logits_of(out: Any) -> torch.Tensor:
+        return out.logits
 
 
 class MeanPoolClassifier(nn.Module):

@@ -221,7 +221,7 @@ class QuestionAnsweringTask:
         import copy
 
         from ..augment import TransferSet, build_transfer_set, vocabulary_words
-        from ..checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+        from ..checkpoint import checkpoint_dir, resume_or_distill
         from ..data.qa import load_qa_task
         from ..errors import InputError
         from ..models.qa import load_qa_teacher
@@ -256,17 +256,15 @@ class QuestionAnsweringTask:
                 student = backend.prepare(student, _recipe(cfg))
         ckpt = checkpoint_dir(cfg, backend)
         with timed(timings, "distill", progress):
-            if (ckpt / "stats.json").is_file():
-                student, stats = load_checkpoint(ckpt)
-                progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
-            else:
+            def train() -> DistillStats:
                 val = build_transfer_set(as_examples(task), max(1, 256 // len(task.shots)), cfg.seed + 7919, mask,
                                          None, ops, Lexicon(vocabulary_words(teacher.tokenizer)))
                 k = len(task.shots)
                 validation = (val.texts[k:], val.pairs[k:]) if cfg.distill.evals and val.pairs else None
-                stats = distill_qa(teacher, student, transfer.texts, transfer.pairs or [], keep, cfg.distill, cfg.seed,
-                                   length, lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"), validation)
-                save_checkpoint(ckpt, student, stats)
+                return distill_qa(teacher, student, transfer.texts, transfer.pairs or [], keep, cfg.distill, cfg.seed,
+                                  length, lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"), validation)
+
+            student, stats = resume_or_distill(ckpt, student, progress, train)
         assert isinstance(transfer, TransferSet)
         return Distilled(task, teacher, student, keep, transfer, stats, None, unpruned, timings, ckpt, self.name)
 

@@ -241,7 +241,7 @@ class ImageClassificationTask:
     name = "image-classification"
 
     def distill_stage(self, cfg: CompileConfig, backend: Any, progress: Any):
-        from ..checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+        from ..checkpoint import checkpoint_dir, resume_or_distill
         from ..data.images import load_image_task
         from ..errors import InputError
         from ..models.vision import derive_image_student, load_image_teacher
@@ -268,15 +268,10 @@ class ImageClassificationTask:
                 student = backend.prepare(student, _recipe(cfg))
         ckpt = checkpoint_dir(cfg, backend)
         with timed(timings, "distill", progress):
-            if (ckpt / "stats.json").is_file():  # an interrupted run got this far: resume
-                student, stats = load_checkpoint(ckpt)
-                progress("distill", 1, 1, f"resumed from checkpoint {ckpt}")
-            else:
-                validation = variants(teacher, task, 256, cfg.seed + 7919) if cfg.distill.evals else None
-                stats = distill_images(teacher, student, task, cfg.distill, cfg.seed,
-                                       progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
-                                       validation=validation)
-                save_checkpoint(ckpt, student, stats)
+            student, stats = resume_or_distill(ckpt, student, progress, lambda: distill_images(
+                teacher, student, task, cfg.distill, cfg.seed,
+                progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
+                validation=variants(teacher, task, 256, cfg.seed + 7919) if cfg.distill.evals else None))
         return Distilled(task, teacher, student, [], None, stats, adaptation, None, timings, ckpt, self.name)
 
     def calibration(self, d: Any, cfg: CompileConfig) -> CalibrationSet:
