@@ -42,8 +42,11 @@ class DistillConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.lr is not None and self.lr <= 0) or self.temperature <= 0:
-            raise ValueError("lr and temperature must be > 0")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError("--lr must be > 0")
+        # below ~0.1 the softened distributions are one-hot and the KD gradients overflow (NaN weights)
+        if not 0.1 <= self.temperature <= 100:
+            raise ValueError(f"--temperature must be in [0.1, 100], got {self.temperature}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
         if self.augment < 0:

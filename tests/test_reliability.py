@@ -44,6 +44,7 @@ CASES = {
     "zero shots": (lambda t, d: [t, "--shots", "0"], 2, "--shots must be >= 1"),
     "embedding bits": (lambda t, d: [t, "--embedding-bits", "5"], 2, "--embedding-bits must be 4 or 8"),
     "negative shots": (lambda t, d: [t, "--shots", "-3"], 2, "--shots must be >= 1"),
+    "vanishing temperature": (lambda t, d: [t, "--temperature", "1e-149"], 2, "--temperature must be in [0.1, 100]"),
     "unknown target": (lambda t, d: [t, "--target", "tpu-int3"], 3, "unknown target"),
     "target unavailable": (lambda t, d: [t, "--target", "trt-int8"], 4, "not available here"),
     "out not writable": (lambda t, d: [t, "--out", str(d / "file.txt" / "sub")], 3, "--out"),
