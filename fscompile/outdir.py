@@ -27,7 +27,7 @@ def clean_stale(out: Path) -> None:
     """Remove staging directories left beside ``out`` by a process that was killed (kill -9)."""
     for tmp in out.parent.glob(f".{out.name}.fscompile-*-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdecimal() or _alive(int(pid)):
             continue
         if ".fscompile-old-" in tmp.name and not out.exists():
             tmp.rename(out)  # killed between the two renames: the previous run comes back

@@ -80,3 +80,10 @@ def test_sst2_dev_never_overlaps_shots(shared):
     task = load_task_data(str(shared / "data/glue_sst2"), shots=10, seed=0)
     assert task.eval_split == "dev" and len(task.eval) == 872
     assert not {e.text for e in task.shots} & {e.text for e in task.eval}
+
+
+def test_labels_that_only_look_numeric_stay_strings():
+    from fscompile.data import _normalise_label
+
+    # "¹".isdigit() is True but int("¹") fails: found by the loader fuzz test
+    assert _normalise_label("¹") == "¹" and _normalise_label(" 3 ") == 3 and _normalise_label("-2") == -2

@@ -108,7 +108,7 @@ def _normalise_label(value: Any) -> Any:
         return int(value)
     if isinstance(value, str):
         v = value.strip()
-        return int(v) if v.lstrip("-").isdigit() else v
+        return int(v) if v.lstrip("-").isdecimal() else v
     return value
 
 

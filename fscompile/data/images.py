@@ -182,7 +182,7 @@ def load_image_splits(spec: str) -> tuple[Splits, str]:
 
 def _class_order(names: set[str]) -> list[str]:
     """Numeric class names in numeric order (MNIST digits), others alphabetical (ImageFolder)."""
-    if all(n.isdigit() for n in names):
+    if all(n.isdecimal() for n in names):
         return sorted(names, key=int)
     return sorted(names)
 

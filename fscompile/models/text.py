@@ -241,7 +241,7 @@ def align_labels(teacher: TextModel, data_labels: list[str]) -> list[int] | None
     d_names = [n.lower() for n in data_labels]
     if set(d_names) <= set(t_names):
         return [t_names.index(n) for n in d_names]
-    if all(n.isdigit() for n in d_names) and all(int(n) < len(t_names) for n in d_names):
+    if all(n.isdecimal() for n in d_names) and all(int(n) < len(t_names) for n in d_names):
         return [int(n) for n in d_names]
     raise InputError(f"the teacher's labels {teacher.label_names} do not match the data's labels "
                      f"{data_labels}; pass a teacher without a head (or one trained on these labels)")
@@ -310,7 +310,7 @@ def parse_layers(spec: str | None, n: int) -> list[int] | int:
     spec = "every-other" if spec is None else spec.strip()
     if spec == "every-other":
         return list(range(1, n, 2)) if n > 1 else [0]
-    if spec.isdigit():
+    if spec.isdecimal():
         k = int(spec)
         if not 1 <= k <= n:
             raise InputError(f"--student-layers {k}: must be between 1 and the teacher's {n} layers")

@@ -198,7 +198,7 @@ def load_image_teacher(spec: str, label_names: list[str], image_size: int, weigh
         model = ImageModel(ImageClassifier(net).eval(), spec, names, source, image_size)
     if len(model.label_names) != len(label_names):
         model.has_head = False
-    elif model.label_names != label_names and all(n.isdigit() for n in model.label_names):
+    elif model.label_names != label_names and all(n.isdecimal() for n in model.label_names):
         model.label_names = list(label_names)  # index-named classes take the data's names
     model.module.eval()
     return model
