@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,27 @@ class DistillStats:
     best_step: int = 0
     validation: list[dict[str, float]] = field(default_factory=list)
     resumed_from: str | None = None
+
+
+class BestCheckpoint:
+    """Early stopping's memory: the weights at the best validation score seen so far (any
+    comparable score), the step they came from, and the curve of every check."""
+
+    def __init__(self, steps: int) -> None:
+        self.score: Any = None
+        self.step, self.state, self.curve = steps, None, []
+
+    def check(self, step: int, score: Any, model: torch.nn.Module, **record: float) -> None:
+        self.curve.append({"step": step, **record})
+        if self.score is None or score > self.score:
+            self.score, self.step = score, step
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module) -> bool:
+        """Load the best weights into ``model``; False when no check ran."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+        return self.state is not None
 
 
 def set_seed(seed: int) -> None:
@@ -220,8 +242,7 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
     totals = {"kd": 0.0, "hidden": 0.0, "attention": 0.0}
     ema = math.nan
     eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if validation else set()
-    best: tuple[float, float] = (-1.0, 0.0)
-    best_state, best_step, curve = None, cfg.steps, []
+    best = BestCheckpoint(cfg.steps)
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:  # epoch-style shuffling: every example before repeats
             order.extend(gen.permutation(len(batcher)).tolist())
@@ -260,15 +281,11 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
             model.eval()
             agree, kl = _agreement(student, v_batcher, v_logits)
             model.train()
-            curve.append({"step": step + 1, "agreement": agree, "kl": kl})
-            if (agree, -kl) > best:
-                best, best_step = (agree, -kl), step + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best.check(step + 1, (agree, -kl), model, agreement=agree, kl=kl)
         if progress:
             progress(step + 1, cfg.steps, ema)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(transfer), seconds=time.perf_counter() - start,
                         final_loss=ema, losses={k: v / cfg.steps for k, v in totals.items()},
-                        layer_map=pairs, best_step=best_step, validation=curve)
+                        layer_map=pairs, best_step=best.step, validation=best.curve)

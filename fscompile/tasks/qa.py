@@ -26,7 +26,7 @@ from ..config import CompileConfig, DistillConfig
 from ..data import Example
 from ..data.batching import length_sorted_batches, pad_batch
 from ..data.qa import QAExample, QATaskData
-from ..distill import TEXT_LR, DistillStats, hidden_loss, layer_map, set_seed
+from ..distill import TEXT_LR, BestCheckpoint, DistillStats, hidden_loss, layer_map, set_seed
 from ..models.qa import QAModel
 
 QA_LENGTH = 384  # Hugging Face's convention for SQuAD: most contexts fit whole
@@ -153,7 +153,7 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
     gen = np.random.default_rng(seed)
     order: list[int] = []
     totals = {"kd": 0.0, "hidden": 0.0}
-    ema, best, best_state, best_step, curve = math.nan, -1.0, None, cfg.steps, []
+    ema, best = math.nan, BestCheckpoint(cfg.steps)
     teacher.module.eval()
     model.train()
     for step in range(cfg.steps):
@@ -183,18 +183,14 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
             got = span_logits(torch_qa_runner(student), student, v[0])
             agree = float(np.mean([np.array_equal(g.argmax(0), r) for g, r in zip(got, v[1])]))
             model.train()
-            curve.append({"step": step + 1, "agreement": agree})
-            if agree > best:
-                best, best_step = agree, step + 1
-                best_state = {k: x.detach().clone() for k, x in model.state_dict().items()}
+            best.check(step + 1, agree, model, agreement=agree)
         if progress:
             progress(step + 1, cfg.steps, ema)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(texts), seconds=time.perf_counter() - start_t,
                         final_loss=ema, losses={k: v_ / cfg.steps for k, v_ in totals.items()}, layer_map=pairs_map,
-                        best_step=best_step, validation=curve)
+                        best_step=best.step, validation=best.curve)
 
 
 def as_examples(task: QATaskData) -> list[Example]:

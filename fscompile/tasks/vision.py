@@ -17,7 +17,7 @@ import torch
 from ..calibration import CalibrationSet
 from ..config import CompileConfig, DistillConfig
 from ..data.images import ImageTaskData
-from ..distill import DistillStats, kd_loss, set_seed
+from ..distill import BestCheckpoint, DistillStats, kd_loss, set_seed
 from ..evaluate import metrics
 from ..models.vision import ImageModel, final_linear
 
@@ -163,7 +163,7 @@ def distill_images(teacher: ImageModel, student: ImageModel, task: ImageTaskData
     gen = np.random.default_rng(seed)
     bn_views = variants(student, task, 512, seed + 3)  # training-distribution views for BatchNorm statistics
     teacher.module.eval()
-    ema, total, best, best_state, best_step, curve = math.nan, 0.0, -1.0, None, cfg.steps, []
+    ema, total, best = math.nan, 0.0, BestCheckpoint(cfg.steps)
     batch = max(cfg.batch_size, 32)  # CNN students need larger batches than text fine-tuning (BatchNorm)
     model.train()
     for step in range(cfg.steps):
@@ -184,19 +184,14 @@ def distill_images(teacher: ImageModel, student: ImageModel, task: ImageTaskData
             model.eval()
             agree = _agreement(student, validation, v_logits)
             model.train()
-            curve.append({"step": step + 1, "agreement": agree})
-            if agree > best:
-                best, best_step = agree, step + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best.check(step + 1, agree, model, agreement=agree)
         if progress:
             progress(step + 1, cfg.steps, ema)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
+    if not best.restore(model):
         recalibrate_batchnorm(student, bn_views)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(shots), seconds=time.perf_counter() - start,
-                        final_loss=ema, losses={"kd": total / cfg.steps}, best_step=best_step, validation=curve)
+                        final_loss=ema, losses={"kd": total / cfg.steps}, best_step=best.step, validation=best.curve)
 
 
 def image_calibration_set(student: ImageModel, task: ImageTaskData, cfg: CompileConfig,
