@@ -44,16 +44,20 @@ class OrtRunner:
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
         self.sess = session(path, threads)
         self.names = [i.name for i in self.sess.get_inputs()]
+        outputs = [o.name for o in self.sess.get_outputs()]
+        # a causal LM also returns its key/value cache ("present.*"): only the logits are scored
+        self.outputs = ["logits"] if "logits" in outputs else outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """``logits``; a model with several outputs (QA: start, end) gets them stacked last."""
-        outs = self.sess.run(None, {k: batch[k] for k in self.names})
+        outs = self.sess.run(self.outputs, {k: batch[k] for k in self.names})
         return outs[0] if len(outs) == 1 else np.stack(outs, -1)
 
 
 def decisions(logits: np.ndarray) -> np.ndarray:
-    """What a model decides: the class, or per output the position (span logits [B, L, k])."""
-    return logits.argmax(1) if logits.ndim == 3 else logits.argmax(-1)
+    """What a model decides: the class, the next token per position (LM logits [B, L, vocab]),
+    or per output the position (span logits [B, L, 2])."""
+    return logits.argmax(1) if logits.ndim == 3 and logits.shape[-1] == 2 else logits.argmax(-1)
 
 
 def fuse(src: Path, dst: Path, model: TextModel, embed_layer_norm: bool = True) -> dict[str, int]:
@@ -65,9 +69,10 @@ def fuse(src: Path, dst: Path, model: TextModel, embed_layer_norm: bool = True) 
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", 0)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", 0)
-    options = FusionOptions("bert")
+    kind = model.fusion or "bert"  # "gpt2" for GPT-2 decoders
+    options = FusionOptions(kind)
     options.enable_embed_layer_norm = embed_layer_norm
-    opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
+    opt = optimizer.optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden,
                                    opt_level=1, optimization_options=options)
     opt.save_model_to_file(str(dst), use_external_data_format=False)
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}

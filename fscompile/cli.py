@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from .config import TASKS
 from .errors import EXIT_CODES, FscompileError
 
 DEFAULT_COMMAND = "compile"
@@ -81,16 +82,18 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--data", help="Hub dataset (glue/sst2, imdb), a .tsv/.csv/.jsonl file or a directory of "
               "train/dev files. Default: the embedded review-sentiment set.")
 @click.option("--target", default="ort-int8", show_default=True, help="Deployment target (see `fscompile targets`).")
-@click.option("--shots", default=10, show_default=True, type=int, help="Labelled examples per class.")
+@click.option("--shots", default=10, show_default=True, type=int,
+              help="Labelled examples per class (text generation: passages).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: ./fscompile-out/<run-name>].")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds a different run.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for shots, augmentation and training.")
 @click.option("--student-layers", help="Teacher layers to keep: a count (3) or indices (0,2,4). Default: every other one.")
 @click.option("--task", default="auto", show_default=True,
-              type=click.Choice(["auto", "text-classification", "image-classification", "question-answering"]),
+              type=click.Choice(list(TASKS)),
               help="What the teacher does; auto: torchvision names are image classification, local models "
-              "with a span head question answering, else text classification.")
-@click.option("--student", help="Image tasks: the student's torchvision architecture [default: mobilenet_v3_small].")
+              "with a span head question answering, causal LMs (gpt2) text generation, else text classification.")
+@click.option("--student", help="Image tasks: the student's torchvision architecture [default: mobilenet_v3_small]; "
+              "text generation: a pretrained LM with the teacher's tokenizer (distilgpt2) instead of kept layers.")
 @click.option("--weights", type=click.Path(), help="Image tasks: a local state dict for the teacher architecture "
               "(loaded with weights_only=True).")
 @click.option("--image-size", type=int, help="Image tasks: input side in pixels [default: the teacher's, else the data's].")
@@ -213,7 +216,7 @@ def _csv(kind):
 @click.option("--prune", type=float, help="Pruning rate applied per target with a short recovery. [default: 0.2]")
 @click.option("--max-eval", type=int, help="Evaluate on at most this many rows.")
 @click.option("--profile-seconds", type=float, help="Profiling budget per model and batch size. [default: 3]")
-@click.option("--student", help="Image tasks: the student's torchvision architecture.")
+@click.option("--student", help="Image tasks: the student's torchvision architecture; text generation: a pretrained LM.")
 @click.option("--weights", help="Image tasks: a local state dict for the teacher architecture.")
 @click.option("--image-size", type=int, help="Image tasks: input side in pixels.")
 @click.option("--no-peers", is_flag=True, help="Skip the peer pipelines.")

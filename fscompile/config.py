@@ -16,7 +16,7 @@ TEACHER_ALIASES: dict[str, str] = {
 }
 
 
-TASKS = ("auto", "text-classification", "image-classification", "question-answering")
+TASKS = ("auto", "text-classification", "image-classification", "question-answering", "text-generation")
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class CompileConfig:
 
     teacher: str = "minilm"
     data: str | None = None  # None = the embedded default set
-    task: str = "auto"  # text-classification | image-classification | question-answering | auto
-    student: str | None = None  # image tasks: the student's torchvision architecture
+    task: str = "auto"  # text-classification | image-classification | question-answering | text-generation | auto
+    student: str | None = None  # image tasks: torchvision architecture; text generation: a pretrained LM
     weights: str | None = None  # image tasks: a local state dict for the teacher architecture
     image_size: int | None = None  # image tasks: input side in pixels (default: the teacher's, else the data's)
     target: str = "ort-int8"

@@ -132,10 +132,16 @@ def _run_request(req: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         sess = ort.InferenceSession(req["path"], opts, providers=req.get("providers") or ["CPUExecutionProvider"])
         load_s = time.perf_counter() - t0
-        names = [i.name for i in sess.get_inputs()]
+        names = [i.name for i in sess.get_inputs() if not i.name.startswith("past_key_values")]
+        caches = {i.name: i.shape for i in sess.get_inputs() if i.name.startswith("past_key_values")}
 
-        def make(b, n):
+        def make(b, n, past=0):
+            """Batch ``b`` of ``n`` new tokens; a causal LM also gets caches of ``past`` tokens."""
             feed = synthetic_inputs(names, b, n, req["vocab"])
+            if caches:
+                feed["attention_mask"] = np.ones((b, past + n), dtype=np.int64)
+                feed.update({k: np.random.default_rng(0).standard_normal((b, s[1], past, s[3]), dtype=np.float32)
+                             for k, s in caches.items()})
             return lambda: sess.run(None, feed)
     else:
         import torch
@@ -167,6 +173,9 @@ def _run_request(req: dict[str, Any]) -> dict[str, Any]:
     if req.get("real_len"):
         lat = latency(make(1, req["real_len"]), budget_s=req.get("budget_s", 3.0))
         result["real"] = {"seq_len": req["real_len"], "batch1": lat}
+    if req["kind"] == "onnx" and caches:  # generation: the seq_len-th token, after seq_len - 1 in the cache
+        past = req["seq_len"] - 1
+        result["decode"] = {"past_len": past, "batch1": latency(make(1, 1, past), budget_s=req.get("budget_s", 3.0))}
     result["peak_rss_mb"] = peak_rss_mb()
     result["runtime_baseline_rss_mb"] = base_rss
     return result

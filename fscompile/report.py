@@ -23,7 +23,8 @@ def table_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
             label = f"artifact ({m['target']['name']}, {m['artifact'].get('variant', m['target']['precision'])})"
         rows.append({
             "model": label,
-            "accuracy": met["accuracy"], "macro_f1": met["macro_f1"], "agreement": met.get("agreement"),
+            "accuracy": met["accuracy"], "macro_f1": met[HEADLINE.get(m.get("task", ""), DEFAULT_HEADLINE)[1][1]],
+            "agreement": met.get("agreement"),
             "params_m": m["parameters"][key] / 1e6, "size_mb": m["size_mb"][key],
             "compression": m["size_mb"]["teacher"] / m["size_mb"][key],
             "b1_p50": prof["batch1"]["p50_ms"], "b1_p90": prof["batch1"]["p90_ms"],
@@ -38,9 +39,17 @@ HEADER = ("| model | {acc} | {f1} | agree | params (M) | MB | × smaller | b1 p5
           "| b8 p50 ms | samples/s (b8) | × faster (b1) | peak RSS MB |")
 
 
+# The two headline metrics per task: (shown name, key in the metrics) each.
+HEADLINE = {"question-answering": (("EM", "accuracy"), ("F1", "macro_f1")),
+            "text-generation": (("next-token acc", "accuracy"), ("perplexity", "perplexity"))}
+DEFAULT_HEADLINE = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"))
+
+
 def metric_names(m: dict[str, Any]) -> tuple[str, str]:
-    """The two headline metrics' names: accuracy and macro-F1, or SQuAD's EM and F1 for QA."""
-    return ("EM", "F1") if m.get("task") == "question-answering" else ("accuracy", "macro-F1")
+    """The two headline metrics' names: accuracy and macro-F1, SQuAD's EM and F1 for QA,
+    next-token accuracy and perplexity for text generation."""
+    first, second = HEADLINE.get(m.get("task", ""), DEFAULT_HEADLINE)
+    return first[0], second[0]
 
 
 def verification_lines(v: dict[str, Any] | None) -> list[str]:
@@ -72,7 +81,7 @@ def render_markdown(m: dict[str, Any]) -> str:
     lines = [
         f"# fscompile report: {cfg['teacher']} → {m['target']['name']}",
         "",
-        f"{cfg['shots']} shots per class from `{data['source']}` ({data['shot_split']}, seed {cfg['seed']}); "
+        f"{cfg['shots']} {'passages' if m.get('task') == 'text-generation' else 'shots per class'} from `{data['source']}` ({data['shot_split']}, seed {cfg['seed']}); "
         f"metrics on {data['eval_rows']} rows of {data['eval_split']}; latency at input size "
         f"{data.get('input_length', cfg['seq_len'])}, {m['profile']['artifact']['threads']} threads on {m['device']['cpu']['model']}.",
         "",
@@ -102,6 +111,10 @@ def render_markdown(m: dict[str, Any]) -> str:
                      f"shots {a['cv_accuracy']:.3f}, optimistic since the body was tuned on them).")
     if m["student"].get("prepare"):
         lines.append(f"- Sparsity: {json.dumps(m['student']['prepare'])}.")
+    decode = m["profile"]["artifact"].get("decode")
+    if decode:
+        lines.append(f"- Generation from the artifact (key/value cache): one new token after {decode['past_len']} "
+                     f"tokens takes {decode['batch1']['p50_ms']:.2f} ms at batch 1 (p50).")
     if "variant" in art:
         cands = "; ".join(f"{k}: agreement {v['agreement']:.3f}, {v['b1_p50_ms']:.1f} ms, {v['size_mb']:.1f} MB"
                           for k, v in art["candidates"].items())

@@ -8,10 +8,17 @@ from typing import Any
 
 def load_any(path: Path) -> Any:
     """A model written by ``save_torch`` of any task (safetensors, no pickle)."""
+    import json
+
     from .vision import VISION_FILE, load_image_model
 
     if (Path(path) / VISION_FILE).is_file():
         return load_image_model(Path(path))
-    from .text import load_torch
+    from .text import HEAD_FILE, load_torch
+
+    if json.loads((Path(path) / HEAD_FILE).read_text()).get("kind") == "causal-lm":
+        from .lm import load_lm_torch
+
+        return load_lm_torch(Path(path))
 
     return load_torch(Path(path))

@@ -73,7 +73,8 @@ class TaskAdapter(Protocol):
 def task_name(cfg: CompileConfig) -> str:
     """``cfg.task``, or from the teacher: torchvision names, ``--weights`` and directories of
     earlier image runs are image classification; local models with a span head are question
-    answering (a Hub id needs ``--task question-answering``); everything else is text."""
+    answering (a Hub id needs ``--task question-answering``); local causal LMs and GPT-2-family
+    Hub names are text generation; everything else is text classification."""
     if cfg.task != "auto":
         return cfg.task
     from ..models.vision import is_vision_teacher
@@ -88,6 +89,13 @@ def task_name(cfg: CompileConfig) -> str:
             archs = []
         if any(str(a).endswith("ForQuestionAnswering") for a in archs):
             return "question-answering"
+        if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            return "text-generation"
+    else:
+        from ..models.lm import KNOWN_LM_PREFIXES
+
+        if cfg.teacher.startswith(KNOWN_LM_PREFIXES):
+            return "text-generation"
     return "text-classification"
 
 
@@ -101,6 +109,10 @@ def get_task(cfg: CompileConfig) -> TaskAdapter:
         from .qa import QuestionAnsweringTask
 
         return QuestionAnsweringTask()
+    if name == "text-generation":
+        from .lm import TextGenerationTask
+
+        return TextGenerationTask()
     from ..pipeline import TextClassificationTask
 
     return TextClassificationTask()

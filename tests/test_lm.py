@@ -1,0 +1,184 @@
+"""Causal language modelling: passages, the decoder student, export with a key/value cache,
+next-token KD, perplexity, and the compile end to end on a tiny GPT-2 built here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fscompile.errors import InputError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _texts() -> list[str]:
+    return [json.loads(line)["text"] for f in ("train.jsonl", "dev.jsonl")
+            for line in (REPO / "fscompile/data/builtin" / f).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2 (random weights) with a byte-level BPE tokenizer trained on the built-in texts."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_texts(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=160, n_embd=32, n_layer=4, n_head=2,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def passages(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("passages") / "passages.txt"
+    path.write_text("\n\n".join(_texts()))
+    return path
+
+
+def test_passage_loader_paragraphs_lines_tables_and_holdout(tmp_path, passages):
+    from fscompile.data.lm import load_lm_task, load_passage_splits
+
+    task = load_lm_task(str(passages), 5, seed=1)
+    assert len(task.shots) == 5 and task.label_names == ["text"]
+    assert not {e.text for e in task.shots} & {e.text for e in task.eval}  # held out, never shared
+    assert load_lm_task(str(passages), 5, seed=1).shots == task.shots  # same seed, same passages
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first passage is long enough to count\nshort\nsecond passage is long enough too\n")
+    assert load_passage_splits(str(lines))[0]["train"] == ["first passage is long enough to count",
+                                                           "second passage is long enough too"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.csv").write_text("label,content\n" + "".join(f"1,passage number {i} about the news\n"
+                                                                  for i in range(8)))
+    (folder / "dev.csv").write_text("label,content\n1,an evaluation passage about the news\n")
+    task = load_lm_task(str(folder), 3)
+    assert task.eval_split == "dev" and task.eval[0].text == "an evaluation passage about the news"
+    with pytest.raises(InputError, match="fewer than --shots"):
+        load_lm_task(str(folder), 9)
+    with pytest.raises(InputError, match="needs --data"):
+        load_lm_task(None, 3)
+    one = tmp_path / "one.txt"
+    one.write_text("only one passage of enough characters here")
+    with pytest.raises(InputError, match="hold some out"):
+        load_lm_task(str(one), 1)
+
+
+def test_export_with_cache_matches_torch_and_generates_like_it(tiny_gpt2, tmp_path):
+    """The artifact's cache path: incremental logits equal PyTorch's, and greedy decoding with
+    the cache fed back gives the tokens Hugging Face's generate() gives."""
+    import onnxruntime as ort
+
+    from fscompile.models.lm import derive_lm_student, load_lm_teacher
+
+    teacher = load_lm_teacher(str(tiny_gpt2))
+    student = derive_lm_student(teacher, [1, 3])  # blocks renumbered: caches index them by position
+    student.export_onnx(tmp_path / "lm.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
+    ins = [i.name for i in sess.get_inputs()]
+    outs = [o.name for o in sess.get_outputs()]
+    assert ins == ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value",
+                   "past_key_values.1.key", "past_key_values.1.value"]
+    assert outs[0] == "logits" and outs[1:] == [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    prompt = student.tokenizer(["the film is a charming"], return_tensors="np")["input_ids"].astype(np.int64)
+    with torch.no_grad():
+        ref = student.module.hf.generate(torch.from_numpy(prompt), attention_mask=torch.ones_like(torch.from_numpy(prompt)),
+                                         max_new_tokens=6, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+        full = student.module(input_ids=torch.from_numpy(prompt)).logits.numpy()
+    feed = {"input_ids": prompt, "attention_mask": np.ones_like(prompt), **student.empty_cache(1)}
+    logits, *present = sess.run(None, feed)
+    np.testing.assert_allclose(logits, full, atol=1e-4)
+    got = []
+    for _ in range(6):
+        token = int(logits[0, -1].argmax())
+        got.append(token)
+        feed = {"input_ids": np.array([[token]]), "attention_mask": np.ones((1, feed["attention_mask"].shape[1] + 1),
+                                                                              dtype=np.int64),
+                **dict(zip(ins[2:], present))}
+        logits, *present = sess.run(None, feed)
+    assert got == ref
+    assert present[0].shape[2] == prompt.shape[1] + 6  # the cache grew one token per call
+
+
+def test_save_load_prune_and_tied_embeddings(tiny_gpt2, tmp_path):
+    from fscompile.models import load_any
+    from fscompile.models.lm import derive_lm_student, load_lm_teacher
+
+    student = derive_lm_student(load_lm_teacher(str(tiny_gpt2)), [0, 3])
+    info = student.prune(0.25)
+    assert info["ffn_channels_before"] == 2 * 128 and info["ffn_channels_after"] == 2 * 96
+    assert student.module.hf.transformer.h[0].mlp.c_fc.weight.shape == (32, 96)
+    student.save_torch(tmp_path / "s")
+    back = load_any(tmp_path / "s")
+    assert back.module.hf.lm_head.weight.data_ptr() == back.module.base.get_input_embeddings().weight.data_ptr()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(back.module(input_ids=ids).logits, student.module(input_ids=ids).logits)
+    assert len(back.layers()) == 2
+
+
+def test_token_kd_and_hidden_pairs():
+    from fscompile.tasks.lm import hidden_pairs, token_kd
+
+    t = torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    assert token_kd(t, t, mask, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_kd(torch.randn(2, 5, 11), t, mask, 2.0).item() > 0
+    other = t.clone()
+    other[1, 3:] += 5  # padding positions do not count
+    assert token_kd(other, t, mask, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden_pairs([1, 3, 5], 6) == [(0, 1), (1, 3), (2, 5)]
+    assert hidden_pairs([0, 2, 4], 6) == [(0, 0), (1, 2)]  # the normed last state is never matched to a middle one
+
+
+def test_lm_compile_end_to_end(tiny_gpt2, passages, tmp_path):
+    """fscompile on a causal LM: task detected, perplexity and agreement reported, the INT8
+    artifact generates from its cache, the report names the metrics."""
+    from fscompile.config import CompileConfig, DistillConfig
+    from fscompile.pipeline import run
+    from fscompile.tasks import task_name
+    from fscompile.tasks.lm import generate
+
+    cfg = CompileConfig(teacher=str(tiny_gpt2), data=str(passages), shots=4, profile_seconds=0.2, max_eval=20,
+                        distill=DistillConfig(steps=12, augment=3, evals=2, max_length=48))
+    assert task_name(cfg) == "text-generation"
+    m = run(cfg, tmp_path / "out")
+    assert m["task"] == "text-generation"
+    assert m["distillation"]["transfer_origin"] == {"shot": 4, "teacher-sample": 12}
+    for key in ("teacher", "student", "artifact"):
+        assert np.isfinite(m["metrics"][key]["perplexity"]) and m["metrics"][key]["tokens"] > 0
+    assert m["metrics"]["teacher"]["agreement"] == 1.0
+    # INT8 keeps the student's distribution: perplexity within a few percent
+    assert m["metrics"]["artifact"]["perplexity"] == pytest.approx(m["metrics"]["student"]["perplexity"], rel=0.05)
+    assert m["student"]["layers_kept"] == [1, 3] and m["artifact"]["calibration_samples"] > 0
+    assert "decode" in m["profile"]["artifact"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "perplexity" in report and "4 passages" in report
+    text = generate(str(tmp_path / "out" / "model"), "the film is", max_new_tokens=5)
+    assert isinstance(text, str)
+
+
+def test_student_with_another_vocabulary_is_refused(tiny_gpt2, tiny_teacher, passages, tmp_path):
+    from fscompile.config import CompileConfig, DistillConfig
+    from fscompile.pipeline import run
+
+    cfg = CompileConfig(teacher=str(tiny_gpt2), data=str(passages), shots=2, student=str(tiny_teacher),
+                        distill=DistillConfig(steps=2))
+    with pytest.raises(InputError):
+        run(cfg, tmp_path / "out")
+
+
+def test_real_passages_load(shared):
+    from fscompile.data.lm import load_lm_task
+
+    task = load_lm_task(str(shared / "data" / "ag_news"), 10, seed=0, max_eval=50)
+    assert len(task.shots) == 10 and len(task.eval) == 50 and task.eval_split == "test"
+    assert all(len(e.text) >= 20 and "\\" not in e.text for e in task.shots)
