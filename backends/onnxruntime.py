@@ -69,6 +69,8 @@ def fuse(src: Path, dst: Path, model: TextModel, embed_layer_norm: bool = True) 
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", 0)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", 0)
+    if hasattr(model, "attention_geometry"):  # pruned heads: fewer heads, a narrower attention
+        heads, hidden = model.attention_geometry()
     kind = model.fusion or "bert"  # "gpt2" for GPT-2 decoders
     options = FusionOptions(kind)
     options.enable_embed_layer_norm = embed_layer_norm
@@ -126,7 +128,7 @@ def onnx_size_mb(path: Path) -> float:
 
 class _OrtBackend(Backend):
     device = "cpu"
-    sparsity = ("structured-ffn-channels",)
+    sparsity = ("structured-heads", "structured-ffn-channels")
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -139,8 +141,8 @@ class _OrtBackend(Backend):
         return True, ""
 
     def prepare(self, student: TextModel, recipe: Recipe) -> TextModel:
-        """CPU runtimes gain nothing from scattered zeros: prune whole FFN channels."""
-        student.info["prepare"] = student.prune(recipe.prune)
+        """CPU runtimes gain nothing from scattered zeros: prune whole heads and FFN channels."""
+        student.info["prepare"] = student.prune(recipe.prune, heads=recipe.prune_heads)
         return student
 
     def load(self, artifact: Artifact) -> OrtRunner:

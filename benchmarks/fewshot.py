@@ -42,6 +42,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--unlabeled", type=int, default=0, help="also run with N unlabeled train sentences")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
+    p.add_argument("--no-prune-heads", action="store_true", help="prune FFN channels only (the tables "
+                   "before attention-head pruning existed)")
     p.add_argument("--baselines", default="finetune,logitkd,teacher,teacher-int8")
     p.add_argument("--out", default=str(REPO / "bench-out/fewshot"))
     p.add_argument("--max-eval", type=int, default=None)
@@ -215,7 +217,7 @@ def main() -> None:
                         t = time.perf_counter()
                         m = fscompile.compile(args.teacher, data=args.data, target="ort-int8", shots=shots, seed=seed,
                                               student_layers=layers, steps=args.steps, unlabeled=unl,
-                                              embedding_bits=args.embedding_bits,
+                                              embedding_bits=args.embedding_bits, prune_heads=not args.no_prune_heads,
                                               max_eval=args.max_eval, out=work / "run", force=True)
                         record({**base, "method": method, "layers": layers,
                                 "accuracy": m["metrics"]["artifact"]["accuracy"],
@@ -224,7 +226,9 @@ def main() -> None:
                                 "size_mb": m["size_mb"]["artifact"],
                                 "compression": m["compression"]["size_ratio_vs_teacher"],
                                 "compile_s": time.perf_counter() - t, "timings": m["timings_s"],
-                                "layers_kept": m["student"]["layers_kept"]})
+                                "layers_kept": m["student"]["layers_kept"], "prepare": m["student"]["prepare"],
+                                "b1_ms": m["profile"]["artifact"]["batch1"]["p50_ms"],
+                                "unpruned_b1_ms": m["verification"]["checks"].get("pruning_pays", {}).get("unpruned_ms")})
                         keep = keep or m["student"]["layers_kept"]
                     # the baselines use the layers fscompile chose, so only the training differs
                     if "finetune" in baselines and ("(a) fine-tune on shots", layers, shots, seed) not in done:

@@ -128,7 +128,10 @@ def hidden_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, mask: torch.Tens
 
 
 def attention_loss(s_att: torch.Tensor, t_att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL between teacher and student attention distributions, per head and real query."""
+    """KL between teacher and student attention distributions, per head and real query (of
+    the heads' mean where the student's heads were pruned and no longer pair up)."""
+    if s_att.shape[1] != t_att.shape[1]:
+        s_att, t_att = s_att.mean(1, keepdim=True), t_att.mean(1, keepdim=True)
     eps = 1e-9
     kl = (t_att * ((t_att + eps).log() - (s_att + eps).log())).sum(-1)  # [B, H, Q]
     q = mask.unsqueeze(1).to(kl.dtype)

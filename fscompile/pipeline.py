@@ -208,7 +208,7 @@ def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps:
 
 
 def _recipe(cfg: CompileConfig) -> Recipe:
-    return Recipe(prune=cfg.prune, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration,
+    return Recipe(prune=cfg.prune, prune_heads=cfg.prune_heads, seed=cfg.seed, seq_len=cfg.seq_len, calibration=cfg.calibration,
                   embedding_bits=cfg.embedding_bits)
 
 

@@ -87,6 +87,34 @@ def test_prune_ffn_shrinks_matrices(tiny_teacher):
     assert student.module(**x).logits.shape == (1, 2)
 
 
+def test_prune_heads_shrinks_attention_and_survives_save_export_and_fusion(tiny_teacher, tmp_path):
+    """Whole heads go (2 -> 1 per block): Q/K/V lose the head's rows, the output projection its
+    columns; the pruned model reloads from disk, and ORT's fused attention (told the new head
+    count) computes what PyTorch does."""
+    import numpy as np
+
+    from fscompile.backends.onnxruntime import OrtRunner, fuse
+    from fscompile.models.text import load_torch, prune_heads
+
+    student, _ = derive_student(load_teacher(str(tiny_teacher)), "every-other")
+    x = student.encode(["great film", "a dull and tedious mess of a movie"])
+    info = prune_heads(student, 0.5)
+    assert info == {"heads_before": 4, "heads_after": 2}
+    att = student.layers()[0].attention
+    assert att.self.query.weight.shape == (16, 32) and att.output.dense.weight.shape == (32, 16)
+    assert student.attention_geometry() == (1, 16)
+    with torch.no_grad():
+        ref = student.module(**x).logits
+    student.save_torch(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(load_torch(tmp_path / "s").module(**x).logits, ref)
+    student.export_onnx(tmp_path / "raw.onnx")
+    fused = fuse(tmp_path / "raw.onnx", tmp_path / "fused.onnx", student)
+    assert fused.get("Attention") == 2
+    got = OrtRunner(tmp_path / "fused.onnx")({k: v.numpy() for k, v in x.items()})
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+
+
 def test_distillation_moves_student_towards_teacher(tiny_headless):
     teacher = load_teacher(str(tiny_headless), ["negative", "positive"])
     torch.manual_seed(0)

@@ -62,6 +62,9 @@ class LMModel(TextModel):
     def layers(self) -> nn.ModuleList:
         return decoder_stack(self.module.base)[2]
 
+    def attention_geometry(self) -> tuple[int, int]:
+        return self.config.num_attention_heads, self.config.hidden_size  # decoders keep their heads
+
     @property
     def input_names(self) -> list[str]:
         return ["input_ids", "attention_mask"]
@@ -148,7 +151,8 @@ class LMModel(TextModel):
         self.tokenizer.save_pretrained(out)
         (out / HEAD_FILE).write_text(json.dumps({"kind": LM_KIND, "labels": self.label_names}))
 
-    def prune(self, rate: float) -> dict[str, Any]:
+    def prune(self, rate: float, heads: bool = True) -> dict[str, Any]:
+        """MLP channels only: a decoder's heads each carry a cache, kept whole."""
         return {"pattern": "structured-ffn-channels", "rate": rate, **prune_decoder_ffn(self, rate)}
 
 

@@ -123,8 +123,18 @@ class TextModel:
     def save_torch(self, out: Path) -> None:
         save_torch(self, out)
 
-    def prune(self, rate: float) -> dict[str, Any]:
-        return {"pattern": "structured-ffn-channels", "rate": rate, **prune_ffn(self, rate)}
+    def prune(self, rate: float, heads: bool = True) -> dict[str, Any]:
+        """Whole attention heads (unless ``heads=False``) and FFN channels at ``rate``: the
+        matrices really shrink."""
+        if not heads:
+            return {"pattern": "structured-ffn-channels", "rate": rate, **prune_ffn(self, rate)}
+        return {"pattern": "structured-heads+ffn-channels", "rate": rate, **prune_heads(self, rate),
+                **prune_ffn(self, rate)}
+
+    def attention_geometry(self) -> tuple[int, int]:
+        """(heads, query width) of the first block as it is now (after head pruning)."""
+        q, _, _, _, size = attention_parts(self.layers()[0])
+        return q.out_features // size, q.out_features
 
 
 def encoder_layers(base: nn.Module) -> nn.ModuleList:
@@ -409,7 +419,9 @@ def load_torch(path: Path) -> TextModel:
     model = cls(module, AutoTokenizer.from_pretrained(path), meta["labels"], source=str(path))
     if meta.get("embedding_rank"):
         factorize_embeddings(model, meta["embedding_rank"])
-    module.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    state = load_file(path / "model.safetensors")
+    shrink_to(module, state)
+    module.load_state_dict(state, strict=True)
     module.eval()
     return model
 
@@ -501,6 +513,65 @@ def prune_ffn(model: TextModel, rate: float) -> dict[str, int]:
         if hasattr(model.config, attr):
             setattr(model.config, attr, after // len(model.layers()))
     return {"ffn_channels_before": before, "ffn_channels_after": after}
+
+
+def attention_parts(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear, int]:
+    """(query, key, value, output projection, head size) of a BERT- or DistilBERT-style block."""
+    att = getattr(layer, "attention", None)
+    inner = getattr(att, "self", att)
+    names = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
+    qkv = next(([getattr(inner, n) for n in trio] for trio in names if all(hasattr(inner, n) for n in trio)), None)
+    out = getattr(getattr(att, "output", None), "dense", None) or getattr(att, "out_lin", None)
+    size = getattr(inner, "attention_head_size", None)
+    if qkv is None or not isinstance(out, nn.Linear) or not size:
+        raise StageError(f"cannot find the attention heads of {type(layer).__name__} to prune")
+    return (*qkv, out, int(size))
+
+
+def prune_heads(model: TextModel, rate: float) -> dict[str, int]:
+    """Structured pruning of whole attention heads, the same number in every block (ORT fuses
+    attention with one head count): the ``rate`` least important go, importance = |value rows
+    of the head| x |output-projection columns of the head| (the path a head writes through).
+    The attention code infers the head count from the projection width, so nothing else changes."""
+    if rate <= 0:
+        return {}
+    before = after = 0
+    for layer in model.layers():
+        q, k, v, o, size = attention_parts(layer)
+        heads = q.out_features // size
+        n_keep = max(1, int(round(heads * (1 - rate))))
+        score = v.weight.detach().view(heads, size, -1).norm(dim=(1, 2)) * \
+            o.weight.detach().view(o.out_features, heads, size).norm(dim=(0, 2))
+        kept = torch.sort(torch.topk(score, n_keep).indices).values
+        rows = (kept[:, None] * size + torch.arange(size)).reshape(-1)
+        for lin in (q, k, v):
+            _replace(layer, lin, _linear_rows(lin, rows))
+        new_o = nn.Linear(len(rows), o.out_features, bias=o.bias is not None)
+        with torch.no_grad():
+            new_o.weight.copy_(o.weight[:, rows])
+            if o.bias is not None:
+                new_o.bias.copy_(o.bias)
+        _replace(layer, o, new_o)
+        before, after = before + heads, after + n_keep
+    return {"heads_before": before, "heads_after": after}
+
+
+def _linear_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[rows])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[rows])
+    return new
+
+
+def shrink_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every Linear of a freshly built ``module`` the shape its saved weights have (pruned
+    heads and channels), so ``load_state_dict`` fits a pruned model."""
+    for name, lin in list(module.named_modules()):
+        w = state.get(f"{name}.weight")
+        if isinstance(lin, nn.Linear) and w is not None and tuple(w.shape) != tuple(lin.weight.shape):
+            _replace(module, lin, nn.Linear(w.shape[1], w.shape[0], bias=f"{name}.bias" in state))
 
 
 def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:

@@ -112,7 +112,7 @@ class ImageModel:
                 "mean": list(self.mean), "std": list(self.std)}
         (out / VISION_FILE).write_text(json.dumps(meta))
 
-    def prune(self, rate: float) -> dict[str, Any]:
+    def prune(self, rate: float, heads: bool = True) -> dict[str, Any]:
         """Structured channel pruning of arbitrary torchvision graphs is not implemented: say so."""
         return {"pattern": "none", "rate": 0.0, "requested_rate": rate,
                 "reason": "structured channel pruning is implemented for transformer FFNs only"}
