@@ -197,13 +197,18 @@ def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps:
              progress: Progress) -> Distilled:
     """A copy of a target-agnostic distilled student with ``backend``'s sparsity pattern and a
     short recovery distillation (masks fixed): one distillation serves many targets."""
-    if cfg.prune <= 0 or d.kind != "text-classification":
-        return d  # image students: no structured pattern to recover from (ImageModel.prune)
+    if cfg.prune <= 0 or d.kind not in ("text-classification", "image-classification"):
+        return d  # QA and generation students: pruned in their own compile only
     student = backend.prepare(copy.deepcopy(d.student), _recipe(cfg))
     timings = dict(d.timings)
     with timed(timings, "recover", progress):
         rcfg = dataclasses.replace(cfg.distill, steps=recovery_steps, evals=0)
-        distill(d.teacher, student, d.transfer, d.keep, rcfg, cfg.seed)
+        if d.kind == "image-classification":
+            from .tasks.vision import distill_images
+
+            distill_images(d.teacher, student, d.task, rcfg, cfg.seed)
+        else:
+            distill(d.teacher, student, d.transfer, d.keep, rcfg, cfg.seed)
     return dataclasses.replace(d, student=student, unpruned=d.student, timings=timings)
 
 

@@ -123,6 +123,34 @@ def test_image_compile_end_to_end(colours, colour_teacher, tmp_path):
     assert sess.run(["logits"], {"pixel_values": x})[0].shape == (3, 3)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_channel_pruned_student_shrinks_reloads_and_exports(arch, tmp_path):
+    """A student derived by channel pruning (the teacher's own architecture, its weights, half
+    the channels): convolutions really shrink, the pruned model reloads from its safetensors
+    and its ONNX export computes the same logits."""
+    import onnxruntime as ort
+    import torch
+
+    from fscompile.models import load_any
+    from fscompile.models.vision import ImageClassifier, ImageModel, build_arch, derive_image_student
+
+    torch.manual_seed(0)
+    teacher = ImageModel(ImageClassifier(build_arch(arch, 3)).eval(), arch, ["blue", "green", "red"], "test", 32)
+    student = derive_image_student(teacher, arch)
+    before = student.num_parameters()
+    info = student.prune(0.5)
+    assert info["pattern"] == "structured-channels" and student.num_parameters() < 0.45 * before
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = student.module(x).logits
+    student.save_torch(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(load_any(tmp_path / "s").module(x).logits, ref)
+    student.export_onnx(tmp_path / "s.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["logits"], {"pixel_values": x.numpy()})[0], ref.numpy(), atol=1e-4)
+
+
 def test_teacher_with_other_classes_gets_a_refitted_head(colours, tmp_path):
     import torch
     import torchvision

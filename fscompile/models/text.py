@@ -566,12 +566,24 @@ def _linear_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
 
 
 def shrink_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every Linear of a freshly built ``module`` the shape its saved weights have (pruned
-    heads and channels), so ``load_state_dict`` fits a pruned model."""
-    for name, lin in list(module.named_modules()):
+    """Give every Linear, Conv2d and BatchNorm2d of a freshly built ``module`` the shape its saved
+    weights have (pruned heads and channels), so ``load_state_dict`` fits a pruned model."""
+    for name, old in list(module.named_modules()):
         w = state.get(f"{name}.weight")
-        if isinstance(lin, nn.Linear) and w is not None and tuple(w.shape) != tuple(lin.weight.shape):
-            _replace(module, lin, nn.Linear(w.shape[1], w.shape[0], bias=f"{name}.bias" in state))
+        if w is None or not hasattr(old, "weight") or tuple(w.shape) == tuple(old.weight.shape):
+            continue
+        bias = f"{name}.bias" in state
+        if isinstance(old, nn.Linear):
+            new: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+        elif isinstance(old, nn.Conv2d):  # a depthwise conv stays depthwise at its new width
+            groups = w.shape[0] if old.groups == old.in_channels == old.out_channels else old.groups
+            new = nn.Conv2d(w.shape[1] * groups, w.shape[0], old.kernel_size, old.stride, old.padding, old.dilation,
+                            groups, bias, old.padding_mode)
+        elif isinstance(old, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(w.shape[0], old.eps, old.momentum, old.affine, old.track_running_stats)
+        else:
+            continue
+        _replace(module, old, new)
 
 
 def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:

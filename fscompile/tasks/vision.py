@@ -255,11 +255,16 @@ class ImageClassificationTask:
                 teacher.image_size = cfg.image_size
         with timed(timings, "adapt teacher", progress):
             adaptation = None if teacher.has_head else fit_image_head(teacher, task, cfg.seed)
+        unpruned = None
         with timed(timings, "derive student", progress):
             student = derive_image_student(teacher, cfg.student)
             if backend is not None:
+                import copy
+
                 from ..pipeline import _recipe
 
+                # pruned before distillation, which then serves as the recovery
+                unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
                 student = backend.prepare(student, _recipe(cfg))
         ckpt = checkpoint_dir(cfg, backend)
         with timed(timings, "distill", progress):
@@ -267,7 +272,7 @@ class ImageClassificationTask:
                 teacher, student, task, cfg.distill, cfg.seed,
                 progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
                 validation=variants(teacher, task, 256, cfg.seed + 7919) if cfg.distill.evals else None))
-        return Distilled(task, teacher, student, [], None, stats, adaptation, None, timings, ckpt, self.name)
+        return Distilled(task, teacher, student, [], None, stats, adaptation, unpruned, timings, ckpt, self.name)
 
     def calibration(self, d: Any, cfg: CompileConfig) -> CalibrationSet:
         return image_calibration_set(d.student, d.task, cfg)
