@@ -153,7 +153,9 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
                      "compile_peak_rss_mb": m["compile_peak_rss_mb"], "device": m["device"]})
     if sweep.peers:
         adapter = get_task(cfg)
-        for r in build_peers(base, adapter, adapter.calibration(base, cfg), cfg):
+        # calibrated for the teacher's own inputs (a causal LM's caches have its block count)
+        teacher_cal = adapter.calibration(dataclasses.replace(base, student=base.teacher), cfg)
+        for r in build_peers(base, adapter, teacher_cal, cfg):
             rows.append({**key, **r})
     rows.append({**key, "kind": "job-done", "seconds": time.perf_counter() - start})
     _append(out_dir / RESULTS, rows)
@@ -210,10 +212,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in runs:
         c = cells.setdefault((r["system"], r["shots"]), {})
         b1 = r["profile"]["batch1"]["p50_ms"]
-        vals = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "size_mb": r["size_mb"], "b1_p50": b1,
+        vals = {"accuracy": r["accuracy"], "size_mb": r["size_mb"], "b1_p50": b1,
                 "b1_p99": r["profile"]["batch1"]["p99_ms"], "b8_p50": r["profile"]["batch8"]["p50_ms"],
                 "peak_mb": r["profile"]["peak_rss_mb"],
                 "cpu_ms_per_sample": r["profile"]["batch8"].get("cpu_ms_per_sample", float("nan"))}
+        vals.update({k: r[k] for k in ("macro_f1", "perplexity") if k in r})  # per task
         if "real" in r["profile"]:
             vals["real_b1_p50"] = r["profile"]["real"]["batch1"]["p50_ms"]
         t = teacher.get((r["shots"], r["seed"]))
@@ -233,7 +236,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-COLUMNS = [("accuracy", "accuracy"), ("retention", "% of teacher"), ("size_mb", "MB"),
+COLUMNS = [("accuracy", "accuracy"), ("retention", "% of teacher"), ("perplexity", "perplexity"), ("size_mb", "MB"),
            ("smaller_than_teacher", "× smaller"), ("b1_p50", "b1 p50 ms"), ("b1_p99", "b1 p99 ms"),
            ("real_b1_p50", "b1 p50 ms (real len)"), ("b8_p50", "b8 p50 ms"),
            ("speedup_vs_teacher", "× faster than teacher"), ("speedup_vs_strongest_peer", "× faster than strongest peer"),
@@ -243,20 +246,21 @@ COLUMNS = [("accuracy", "accuracy"), ("retention", "% of teacher"), ("size_mb", 
 def write_tables(rows: list[dict[str, Any]], out: Path) -> str:
     """table.md, table.csv and pareto.png from result rows."""
     summary = summarise(rows)
-    head = "| system | shots | n | " + " | ".join(h for _, h in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    columns = [c for c in COLUMNS if any(c[0] in s for s in summary)]  # e.g. perplexity for text generation only
+    head = "| system | shots | n | " + " | ".join(h for _, h in columns) + " |"
+    lines = [head, "|" + "---|" * (3 + len(columns))]
     with (out / "table.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["system", "shots", "n"] + [x for k, _ in COLUMNS for x in (f"{k}_mean", f"{k}_std")])
+        w.writerow(["system", "shots", "n"] + [x for k, _ in columns for x in (f"{k}_mean", f"{k}_std")])
         for s in summary:
             cells = []
-            for k, _ in COLUMNS:
+            for k, _ in columns:
                 v = s.get(k)
                 cells.append("—" if v is None else (f"{v['mean']:.4f} ± {v['std']:.4f}" if k in ("accuracy", "retention")
                                                     else f"{v['mean']:.2f} ± {v['std']:.2f}"))
             lines.append(f"| {s['system']} | {s['shots']} | {s['n']} | " + " | ".join(cells) + " |")
             w.writerow([s["system"], s["shots"], s["n"]] +
-                       [x for k, _ in COLUMNS for x in ((s[k]["mean"], s[k]["std"]) if k in s else ("", ""))])
+                       [x for k, _ in columns for x in ((s[k]["mean"], s[k]["std"]) if k in s else ("", ""))])
     dev = next((r["device"] for r in rows if r.get("device")), None)
     if dev:
         lines += ["", f"Device: {dev['cpu']['model']}, {dev['cpu']['physical_cores']} cores, ISA "

@@ -182,3 +182,23 @@ def test_real_passages_load(shared):
     task = load_lm_task(str(shared / "data" / "ag_news"), 10, seed=0, max_eval=50)
     assert len(task.shots) == 10 and len(task.eval) == 50 and task.eval_split == "test"
     assert all(len(e.text) >= 20 and "\\" not in e.text for e in task.shots)
+
+
+def test_lm_bench_runs_through_the_same_tables(tiny_gpt2, passages, tmp_path):
+    """fscompile bench on a causal LM: fscompile rows and the teacher's peers, scored by
+    perplexity and agreement in the same tables."""
+    from click.testing import CliRunner
+
+    from fscompile.cli import main
+
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(main, ["bench", "--teacher", str(tiny_gpt2), "--data", str(passages), "--targets",
+                                  "ort-int8", "--shots", "3", "--seeds", "1", "--steps", "4", "--max-eval", "10",
+                                  "--profile-seconds", "0.05", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    systems = {row.get("system") for row in rows}
+    assert {"fscompile ort-int8", "teacher PyTorch fp32", "teacher ORT dynamic INT8",
+            "teacher fused + ORT dynamic INT8"} <= systems
+    assert all(np.isfinite(row["perplexity"]) for row in rows if row.get("system"))
+    assert "fscompile ort-int8" in (out / "table.md").read_text()
