@@ -167,6 +167,31 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
         print_summary(manifest)
 
 
+@main.command("generate")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=30, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def generate_cmd(model_dir: Path, prompt: str, max_new_tokens: int, debug: bool) -> None:
+    """Greedy text generation from a compiled text-generation artifact (OUT/model), token by
+    token with its key/value cache: what an edge pipeline would run."""
+    _quiet_libraries()
+    try:
+        from .errors import InputError
+
+        if not (model_dir / "model.onnx").is_file() and (model_dir / "model" / "model.onnx").is_file():
+            model_dir = model_dir / "model"  # the run directory was given
+        if not (model_dir / "model.onnx").is_file():
+            raise InputError(f"{model_dir}: no model.onnx (give a text-generation run's output directory)")
+        from .tasks.lm import generate
+
+        click.echo(prompt + generate(str(model_dir), prompt, max_new_tokens))
+    except BaseException as e:  # one line and an exit code
+        if isinstance(e, SystemExit):
+            raise
+        _fail(e, debug)
+
+
 @main.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def targets_cmd(as_json: bool) -> None:

@@ -164,6 +164,14 @@ def test_lm_compile_end_to_end(tiny_gpt2, passages, tmp_path):
     assert "perplexity" in report and "4 passages" in report
     text = generate(str(tmp_path / "out" / "model"), "the film is", max_new_tokens=5)
     assert isinstance(text, str)
+    from click.testing import CliRunner
+
+    from fscompile.cli import main
+
+    r = CliRunner().invoke(main, ["generate", str(tmp_path / "out"), "the film is", "--max-new-tokens", "5"])
+    assert r.exit_code == 0 and r.output.startswith("the film is") and r.output.strip() == ("the film is" + text).strip()
+    r = CliRunner().invoke(main, ["generate", str(tmp_path), "the film is"])
+    assert r.exit_code == 3 and "no model.onnx" in r.output
 
 
 def test_student_with_another_vocabulary_is_refused(tiny_gpt2, tiny_teacher, passages, tmp_path):

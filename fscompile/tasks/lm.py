@@ -198,9 +198,13 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 20) -> str:
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
+    from ..errors import InputError
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     sess = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
     caches = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    if not caches:
+        raise InputError(f"{model_dir}: not a text-generation artifact (its model takes no key/value cache)")
     ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
             **{c.name: np.zeros((1, c.shape[1], 0, c.shape[3]), np.float32) for c in caches}}
