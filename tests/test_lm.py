@@ -66,6 +66,14 @@ def test_passage_loader_paragraphs_lines_tables_and_holdout(tmp_path, passages):
         load_lm_task(str(folder), 9)
     with pytest.raises(InputError, match="needs --data"):
         load_lm_task(None, 3)
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    (txt / "train.txt").write_text("a first training passage here\n\na second training passage here\n")
+    (txt / "valid.txt").write_text("an evaluation passage, held apart\n\nanother evaluation passage\n")
+    (txt / "readme.txt").write_text("not data, never read as passages\n")
+    task = load_lm_task(str(txt), 2)
+    assert task.eval_split == "dev" and {e.text for e in task.eval} == {"an evaluation passage, held apart",
+                                                                       "another evaluation passage"}
     one = tmp_path / "one.txt"
     one.write_text("only one passage of enough characters here")
     with pytest.raises(InputError, match="hold some out"):
