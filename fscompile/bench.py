@@ -140,7 +140,8 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
         backend = get_backend(target)
         tcfg = dataclasses.replace(cfg, target=target, export_only=not backend.available()[0])
         t = time.perf_counter()
-        d = retarget(base, backend, tcfg, sweep.recovery_steps, _quiet)
+        # the recovery never outlasts the distillation itself (short sweeps stay short)
+        d = retarget(base, backend, tcfg, min(sweep.recovery_steps, sweep.steps), _quiet)
         # target names come from plugins: keep them from naming a path outside the results directory
         run_dir = out_dir / "runs" / f"{shots}shot-seed{seed}-{re.sub(r'[^A-Za-z0-9_.-]', '_', target).lstrip('.')}"
         run_dir.mkdir(parents=True, exist_ok=True)
