@@ -34,7 +34,7 @@ class Recipe:
     """What the pipeline asks of a backend's ``prepare`` (sparsity) and ``compile`` steps."""
 
     prune: float = 0.0
-    prune_heads: bool = True  # CPU targets: whole attention heads too, not only FFN channels
+    prune_heads: bool = False  # CPU targets: whole attention heads too, not only FFN channels
     seed: int = 0
     seq_len: int = 128
     calibration: str = "auto"

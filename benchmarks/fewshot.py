@@ -42,8 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--unlabeled", type=int, default=0, help="also run with N unlabeled train sentences")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
-    p.add_argument("--no-prune-heads", action="store_true", help="prune FFN channels only (the tables "
-                   "before attention-head pruning existed)")
+    p.add_argument("--prune-heads", action="store_true", help="prune attention heads as well as FFN channels")
     p.add_argument("--baselines", default="finetune,logitkd,teacher,teacher-int8")
     p.add_argument("--out", default=str(REPO / "bench-out/fewshot"))
     p.add_argument("--max-eval", type=int, default=None)
@@ -217,7 +216,7 @@ def main() -> None:
                         t = time.perf_counter()
                         m = fscompile.compile(args.teacher, data=args.data, target="ort-int8", shots=shots, seed=seed,
                                               student_layers=layers, steps=args.steps, unlabeled=unl,
-                                              embedding_bits=args.embedding_bits, prune_heads=not args.no_prune_heads,
+                                              embedding_bits=args.embedding_bits, prune_heads=args.prune_heads,
                                               max_eval=args.max_eval, out=work / "run", force=True)
                         record({**base, "method": method, "layers": layers,
                                 "accuracy": m["metrics"]["artifact"]["accuracy"],

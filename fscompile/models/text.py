@@ -123,9 +123,9 @@ class TextModel:
     def save_torch(self, out: Path) -> None:
         save_torch(self, out)
 
-    def prune(self, rate: float, heads: bool = True) -> dict[str, Any]:
-        """Whole attention heads (unless ``heads=False``) and FFN channels at ``rate``: the
-        matrices really shrink."""
+    def prune(self, rate: float, heads: bool = False) -> dict[str, Any]:
+        """FFN channels (and, with ``heads``, whole attention heads) at ``rate``: the matrices
+        really shrink."""
         if not heads:
             return {"pattern": "structured-ffn-channels", "rate": rate, **prune_ffn(self, rate)}
         return {"pattern": "structured-heads+ffn-channels", "rate": rate, **prune_heads(self, rate),
