@@ -58,6 +58,25 @@ class BestCheckpoint:
         return self.state is not None
 
 
+def text_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> tuple[Any, Any]:
+    """AdamW (weight decay 0.01) with a linear warm-up over the first 10% of steps, then linear
+    decay: the schedule of every transformer student (classification, QA, generation)."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else TEXT_LR, weight_decay=0.01)
+    warmup = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
+    return opt, sched
+
+
+def update(loss: torch.Tensor, opt: Any, sched: Any, params: list[torch.nn.Parameter]) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -236,10 +255,7 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
     freeze_word_embeddings(student, cfg.train_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     masked = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]  # looked up once, not per step
-    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else TEXT_LR, weight_decay=0.01)
-    warmup = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
+    opt, sched = text_optimizer(params, cfg)
     gen = np.random.default_rng(seed)
     order: list[int] = []
     totals = {"kd": 0.0, "hidden": 0.0, "attention": 0.0}
@@ -270,11 +286,7 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
             totals["attention"] += a.item()
         if cfg.mixup > 0 and gen.random() < cfg.mixup:
             loss = loss + mixup_loss(teacher, student, batcher, idx, gen, pairs, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        update(loss, opt, sched, params)
         if masked:  # sparsity patterns stay fixed through the (recovery) distillation
             with torch.no_grad():
                 for p, m in masked:

@@ -24,12 +24,13 @@ from ..calibration import CalibrationSet
 from ..config import CompileConfig, DistillConfig
 from ..data.batching import length_sorted_batches, pad_batch
 from ..distill import (
-    TEXT_LR,
     BestCheckpoint,
     DistillStats,
     hidden_loss,
     layer_map,
     set_seed,
+    text_optimizer,
+    update,
     use_bf16,
 )
 from ..models.lm import LMModel
@@ -122,10 +123,7 @@ def distill_lm(teacher: LMModel, student: LMModel, transfer: TokenTransfer, keep
     for p in model.parameters():  # the word table (tied to the output layer in GPT-2) stays the teacher's
         p.requires_grad_(p is not emb)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else TEXT_LR, weight_decay=0.01)
-    warmup = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
+    opt, sched = text_optimizer(params, cfg)
     n_teacher = len(teacher.layers())
     pairs = hidden_pairs(keep, n_teacher) if keep and cfg.hidden_weight > 0 else []
     v_ref = None
@@ -156,11 +154,7 @@ def distill_lm(teacher: LMModel, student: LMModel, transfer: TokenTransfer, keep
                     for s, t in pairs) / len(pairs)
             loss = loss + cfg.hidden_weight * h
             totals["hidden"] += h.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        update(loss, opt, sched, params)
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
         if step + 1 in eval_at:
             model.eval()

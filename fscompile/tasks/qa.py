@@ -26,7 +26,7 @@ from ..config import CompileConfig, DistillConfig
 from ..data import Example
 from ..data.batching import length_sorted_batches, pad_batch
 from ..data.qa import QAExample, QATaskData
-from ..distill import TEXT_LR, BestCheckpoint, DistillStats, hidden_loss, layer_map, set_seed
+from ..distill import BestCheckpoint, DistillStats, hidden_loss, layer_map, set_seed, text_optimizer, update
 from ..models.qa import QAModel
 
 QA_LENGTH = 384  # Hugging Face's convention for SQuAD: most contexts fit whole
@@ -140,10 +140,7 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
     params = [p for n, p in model.named_parameters() if "word_embeddings" not in n]  # frozen, as for text
     for n, p in model.named_parameters():
         p.requires_grad_("word_embeddings" not in n)
-    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else TEXT_LR, weight_decay=0.01)
-    warmup = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
+    opt, sched = text_optimizer(params, cfg)
     v = None
     if validation is not None:
         v_enc = tok(validation[0], validation[1], truncation="only_second", max_length=max_length)
@@ -172,11 +169,7 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
                     for s, t in pairs_map) / len(pairs_map)
             loss = loss + cfg.hidden_weight * h
             totals["hidden"] += h.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        update(loss, opt, sched, params)
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
         if step + 1 in eval_at:
             model.eval()
