@@ -68,6 +68,20 @@ def text_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> tupl
     return opt, sched
 
 
+class EpochSampler:
+    """Index batches, epoch-style: every example once before any repeats (drawn from ``gen``)."""
+
+    def __init__(self, n: int, batch_size: int, gen: np.random.Generator) -> None:
+        self.n, self.batch_size, self.gen = n, batch_size, gen
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        if len(self.order) < self.batch_size:
+            self.order.extend(self.gen.permutation(self.n).tolist())
+        idx, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return idx
+
+
 def update(loss: torch.Tensor, opt: Any, sched: Any, params: list[torch.nn.Parameter]) -> None:
     """One optimiser step on ``loss``, gradients clipped to norm 1."""
     opt.zero_grad(set_to_none=True)
@@ -257,15 +271,13 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
     masked = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]  # looked up once, not per step
     opt, sched = text_optimizer(params, cfg)
     gen = np.random.default_rng(seed)
-    order: list[int] = []
+    sampler = EpochSampler(len(batcher), cfg.batch_size, gen)
     totals = {"kd": 0.0, "hidden": 0.0, "attention": 0.0}
     ema = math.nan
     eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if validation else set()
     best = BestCheckpoint(cfg.steps)
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:  # epoch-style shuffling: every example before repeats
-            order.extend(gen.permutation(len(batcher)).tolist())
-        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        idx = sampler.next()
         batch = batcher.batch(idx)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(**batch, output_hidden_states=cfg.hidden_weight > 0, output_attentions=use_attention)

@@ -26,6 +26,8 @@ from ..data.batching import length_sorted_batches, pad_batch
 from ..distill import (
     BestCheckpoint,
     DistillStats,
+    EpochSampler,
+    freeze_word_embeddings,
     hidden_loss,
     layer_map,
     set_seed,
@@ -119,9 +121,7 @@ def distill_lm(teacher: LMModel, student: LMModel, transfer: TokenTransfer, keep
     set_seed(seed)
     pad = student.tokenizer.pad_token_id
     model = student.module
-    emb = model.base.get_input_embeddings().weight
-    for p in model.parameters():  # the word table (tied to the output layer in GPT-2) stays the teacher's
-        p.requires_grad_(p is not emb)
+    freeze_word_embeddings(student, False)  # the word table (tied to GPT-2's output layer) stays the teacher's
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = text_optimizer(params, cfg)
     n_teacher = len(teacher.layers())
@@ -131,16 +131,13 @@ def distill_lm(teacher: LMModel, student: LMModel, transfer: TokenTransfer, keep
         v_ref = [next_tokens(teacher, validation, idx) for idx in _batches(validation, 32)]
     eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if v_ref else set()
     bf16 = use_bf16(cfg.bf16)
-    gen = np.random.default_rng(seed)
-    order: list[int] = []
+    sampler = EpochSampler(len(transfer), cfg.batch_size, np.random.default_rng(seed))
     totals = {"kd": 0.0, "hidden": 0.0}
     ema, best = math.nan, BestCheckpoint(cfg.steps)
     teacher.module.eval()
     model.train()
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            order.extend(gen.permutation(len(transfer)).tolist())
-        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        idx = sampler.next()
         batch = _batch(transfer.ids, idx, pad)
         with torch.no_grad():
             t_out = teacher.module(**batch, output_hidden_states=bool(pairs))

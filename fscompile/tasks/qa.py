@@ -26,7 +26,17 @@ from ..config import CompileConfig, DistillConfig
 from ..data import Example
 from ..data.batching import length_sorted_batches, pad_batch
 from ..data.qa import QAExample, QATaskData
-from ..distill import BestCheckpoint, DistillStats, hidden_loss, layer_map, set_seed, text_optimizer, update
+from ..distill import (
+    BestCheckpoint,
+    DistillStats,
+    EpochSampler,
+    freeze_word_embeddings,
+    hidden_loss,
+    layer_map,
+    set_seed,
+    text_optimizer,
+    update,
+)
 from ..models.qa import QAModel
 
 QA_LENGTH = 384  # Hugging Face's convention for SQuAD: most contexts fit whole
@@ -137,9 +147,8 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
     names, pad = student.input_names, tok.pad_token_id or 0
     pairs_map = layer_map(keep)
     model = student.module
-    params = [p for n, p in model.named_parameters() if "word_embeddings" not in n]  # frozen, as for text
-    for n, p in model.named_parameters():
-        p.requires_grad_("word_embeddings" not in n)
+    freeze_word_embeddings(student, False)  # as for text classification
+    params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = text_optimizer(params, cfg)
     v = None
     if validation is not None:
@@ -147,16 +156,13 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
         v_ref = [lg.argmax(0) for lg in span_logits(torch_qa_runner(teacher), teacher, v_enc)]
         v = (v_enc, v_ref)
     eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if v else set()
-    gen = np.random.default_rng(seed)
-    order: list[int] = []
+    sampler = EpochSampler(len(texts), cfg.batch_size, np.random.default_rng(seed))
     totals = {"kd": 0.0, "hidden": 0.0}
     ema, best = math.nan, BestCheckpoint(cfg.steps)
     teacher.module.eval()
     model.train()
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            order.extend(gen.permutation(len(texts)).tolist())
-        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        idx = sampler.next()
         batch = {k: torch.from_numpy(x) for k, x in pad_batch(enc, idx, names, pad).items()}
         with torch.no_grad():
             t_out = teacher.module(**batch, output_hidden_states=cfg.hidden_weight > 0)
