@@ -111,6 +111,13 @@ def render_markdown(m: dict[str, Any]) -> str:
                      f"shots {a['cv_accuracy']:.3f}, optimistic since the body was tuned on them).")
     if m["student"].get("prepare"):
         lines.append(f"- Sparsity: {json.dumps(m['student']['prepare'])}.")
+    mets = m["metrics"]
+    if "has_answer_f1" in mets["teacher"] and "no_answer_accuracy" in mets["teacher"]:
+        lines.append("- SQuAD 2.0 breakdown (teacher / student / artifact): F1 on the "
+                     f"{mets['teacher']['has_answer_n']} answerable questions "
+                     + " / ".join(f"{mets[k]['has_answer_f1']:.4f}" for k, _ in ROWS)
+                     + f"; abstained on the {mets['teacher']['no_answer_n']} unanswerable ones "
+                     + " / ".join(f"{mets[k]['no_answer_accuracy']:.4f}" for k, _ in ROWS) + ".")
     decode = m["profile"]["artifact"].get("decode")
     if decode:
         lines.append(f"- Generation from the artifact (key/value cache): one new token after {decode['past_len']} "

@@ -68,6 +68,9 @@ def test_squad_metrics_and_decoding(tiny_qa, squad_file):
     m = squad_metrics(["Beta.", ""], ex, reference=["beta", "alpha"])
     assert m["exact_match"] == 1.0 and m["f1"] == 1.0 and m["agreement"] == 0.5
     assert squad_metrics(["alpha", "alpha"], ex)["exact_match"] == 0.0  # answering the unanswerable is wrong
+    # the official HasAns / NoAns split: always abstaining scores on the unanswerable half only
+    m = squad_metrics(["", ""], ex)
+    assert (m["exact_match"], m["has_answer_f1"], m["no_answer_accuracy"], m["has_answer_n"]) == (0.5, 0.0, 1.0, 1)
 
     model = load_qa_teacher(str(tiny_qa))
     w = [x for x in sorted(WORDS) if x.isalpha()][:4]
@@ -81,6 +84,40 @@ def test_squad_metrics_and_decoding(tiny_qa, squad_file):
     assert decode([logits], enc, qa) == [f"{w[1]} {w[2]}"]
     logits[0] = 20.0  # the no-answer score at [CLS] wins
     assert decode([logits], enc, qa) == [""]
+
+
+def test_long_context_is_read_in_overlapping_windows(tiny_qa):
+    from fscompile.data.qa import QAExample
+    from fscompile.models.qa import load_qa_teacher
+    from fscompile.tasks.qa import decode, encode
+
+    model = load_qa_teacher(str(tiny_qa))
+    words = [x for x in sorted(WORDS) if x.isalpha()]
+    context = " ".join(words[i % len(words)] for i in range(300))
+    answer = " ".join(context.split()[290:292])
+    start = len(" ".join(context.split()[:290])) + 1
+    qa = [QAExample("1", "which?", context, (answer,), (start,)), QAExample("2", "short?", "alpha beta", (), ())]
+    enc = encode(model, qa, 64)
+    feats = [f for f, i in enumerate(enc["overflow_to_sample_mapping"]) if i == 0]
+    assert len(feats) > 4 and enc["overflow_to_sample_mapping"][-1] == 1  # no context token is lost
+    covered = {o for f in feats for o, s in zip(enc["offset_mapping"][f], enc.sequence_ids(f)) if s == 1}
+    assert max(e for _, e in covered) == len(context)
+    # consecutive windows overlap
+    first = [o for o, s in zip(enc["offset_mapping"][feats[0]], enc.sequence_ids(feats[0])) if s == 1]
+    second = [o for o, s in zip(enc["offset_mapping"][feats[1]], enc.sequence_ids(feats[1])) if s == 1]
+    assert second[0][0] < first[-1][1]
+    # the answer is found in the last window; the no-answer score is the lowest over the windows
+    logits = [np.zeros((len(enc["input_ids"][f]), 2), dtype=np.float32) for f in range(len(enc["input_ids"]))]
+    last = feats[-1]
+    offs = enc["offset_mapping"][last]
+    s = next(j for j, (o, q) in enumerate(zip(offs, enc.sequence_ids(last))) if q == 1 and o[0] == start)
+    e = next(j for j, o in enumerate(offs) if j >= s and o[1] == start + len(answer))
+    logits[last][s, 0] = logits[last][e, 1] = 5.0
+    for f in feats[:-1]:
+        logits[f][0] = 20.0  # other windows say "no answer" loudly, the last one does not
+    assert decode(logits, enc, qa)[0] == answer
+    logits[last][0] = 20.0
+    assert decode(logits, enc, qa)[0] == ""
 
 
 def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
@@ -98,7 +135,8 @@ def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
         assert {"exact_match", "f1", "agreement"} <= set(m["metrics"][who])
         assert 0 <= m["metrics"][who]["f1"] <= 1
     assert m["metrics"]["teacher"]["agreement"] == 1.0
-    assert "| model | EM | F1 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| model | EM | F1 |" in report and "answerable questions" in report
     sess = ort.InferenceSession(str(out / "model/model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["start_logits", "end_logits"]
     cfg = json.loads((out / "model/config.json").read_text())

@@ -2,10 +2,12 @@
 
 The student keeps a subset of the teacher's layers (as for text classification); the transfer
 set is the shots with their question or their context augmented; the teacher runs on the fly
-(span logits vary in length, so they are not cached). Answers are decoded the usual way: the
-best start/end pair inside the context (end >= start, at most 30 tokens) against the no-answer
-score at [CLS]; EM and F1 follow the official SQuAD 2.0 rules (an unanswerable question is
-right only when the prediction is empty).
+(span logits vary in length, so they are not cached). Contexts longer than the input are cut
+into overlapping windows (Hugging Face's doc stride), every window a feature of its question.
+Answers are decoded the usual way: the best start/end pair inside a window's context (end >=
+start, at most 30 tokens) over all windows, against the lowest no-answer score at [CLS]; EM and
+F1 follow the official SQuAD 2.0 rules (an unanswerable question is right only when the
+prediction is empty), with the HasAns/NoAns breakdown of the official script.
 """
 from __future__ import annotations
 
@@ -36,10 +38,12 @@ from ..distill import (
     set_seed,
     text_optimizer,
     update,
+    use_bf16,
 )
 from ..models.qa import QAModel
 
 QA_LENGTH = 384  # Hugging Face's convention for SQuAD: most contexts fit whole
+DOC_STRIDE = 128  # tokens shared by consecutive windows of a long context (Hugging Face's default)
 MAX_ANSWER_TOKENS = 30
 
 
@@ -49,10 +53,27 @@ def qa_length(cfg: CompileConfig | None, model: QAModel) -> int:
     return min(want, getattr(model.config, "max_position_embeddings", want))
 
 
+def windows(tokenizer: Any, questions: list[str], contexts: list[str], max_length: int,
+            offsets: bool = False) -> Any:
+    """Question + context features: the context cut into windows of ``max_length`` tokens that
+    overlap by the doc stride (never the question); ``overflow_to_sample_mapping`` gives each
+    window's question."""
+    q_max = max((len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions), default=0)
+    # the window must leave room for the stride after the question and the special tokens
+    stride = min(DOC_STRIDE, max(0, (max_length - q_max - 4) // 2))
+    try:
+        return tokenizer(questions, contexts, truncation="only_second", max_length=max_length, stride=stride,
+                         return_overflowing_tokens=True, return_offsets_mapping=offsets)
+    except Exception as e:  # the fast tokenizer refuses when a question leaves no room for context
+        from ..errors import InputError
+
+        raise InputError(f"a question is too long for {max_length}-token inputs ({q_max} tokens): "
+                         f"raise --max-length ({str(e).splitlines()[0][:120]})") from None
+
+
 def encode(model: QAModel, examples: list[QAExample], max_length: int) -> Any:
-    """Question + context, the context truncated (never the question), with character offsets."""
-    return model.tokenizer([e.question for e in examples], [e.context for e in examples], truncation="only_second",
-                           max_length=max_length, return_offsets_mapping=True)
+    """The evaluation features of ``examples``, with character offsets for decoding."""
+    return windows(model.tokenizer, [e.question for e in examples], [e.context for e in examples], max_length, True)
 
 
 def span_logits(runner: Callable[[dict[str, np.ndarray]], np.ndarray], model: QAModel, enc: Any,
@@ -68,25 +89,26 @@ def span_logits(runner: Callable[[dict[str, np.ndarray]], np.ndarray], model: QA
 
 
 def decode(logits: list[np.ndarray], enc: Any, examples: list[QAExample], top: int = 20) -> list[str]:
-    """The answer text per example ("" = no answer)."""
-    answers = []
-    for i, (lg, ex) in enumerate(zip(logits, examples)):
-        seq = enc.sequence_ids(i)
-        offsets = enc["offset_mapping"][i]
-        ctx = [j for j, s in enumerate(seq) if s == 1]
+    """The answer text per example ("" = no answer): the best span over the example's windows
+    against its lowest no-answer score (as Hugging Face's SQuAD 2.0 post-processing does)."""
+    best: list[tuple[float, str]] = [(-math.inf, "")] * len(examples)
+    null = [math.inf] * len(examples)
+    for f, lg in enumerate(logits):
+        i = enc["overflow_to_sample_mapping"][f]
+        seq, offsets, context = enc.sequence_ids(f), enc["offset_mapping"][f], examples[i].context
         start, end = lg[:, 0], lg[:, 1]
-        null = start[0] + end[0]
-        best, span = -math.inf, None
-        if ctx:
-            lo, hi = ctx[0], ctx[-1]
-            starts = [j for j in np.argsort(start[lo:hi + 1])[::-1][:top] + lo]
-            ends = [j for j in np.argsort(end[lo:hi + 1])[::-1][:top] + lo]
-            for s in starts:
-                for e in ends:
-                    if s <= e < s + MAX_ANSWER_TOKENS and start[s] + end[e] > best:
-                        best, span = start[s] + end[e], (s, e)
-        answers.append(ex.context[offsets[span[0]][0]:offsets[span[1]][1]] if span and best > null else "")
-    return answers
+        null[i] = min(null[i], float(start[0] + end[0]))
+        ctx = [j for j, s in enumerate(seq) if s == 1]
+        if not ctx:
+            continue
+        lo, hi = ctx[0], ctx[-1]
+        starts = np.argsort(start[lo:hi + 1])[::-1][:top] + lo
+        ends = np.argsort(end[lo:hi + 1])[::-1][:top] + lo
+        for s in starts:
+            for e in ends:
+                if s <= e < s + MAX_ANSWER_TOKENS and start[s] + end[e] > best[i][0]:
+                    best[i] = (float(start[s] + end[e]), context[offsets[s][0]:offsets[e][1]])
+    return [text if score > n else "" for (score, text), n in zip(best, null)]
 
 
 def normalize(text: str) -> str:
@@ -107,12 +129,21 @@ def f1_score(pred: str, gold: str) -> float:
 
 
 def squad_metrics(preds: list[str], examples: list[QAExample], reference: list[str] | None = None) -> dict[str, float]:
-    """EM and F1 (max over gold answers; unanswerable gold = [""]), as fractions; with the
-    teacher's answers, agreement = share of identical (normalised) answers. ``accuracy`` and
-    ``macro_f1`` carry EM and F1 so tables across tasks share their columns."""
-    em = [max(float(normalize(p) == normalize(g)) for g in (e.answers or ("",))) for p, e in zip(preds, examples)]
-    f1 = [max(f1_score(p, g) for g in (e.answers or ("",))) for p, e in zip(preds, examples)]
-    out = {"exact_match": float(np.mean(em)), "f1": float(np.mean(f1)), "n": len(examples)}
+    """EM and F1 (max over gold answers; unanswerable gold = [""]), as fractions, and as the
+    official script also split into answerable (``has_answer_*``) and unanswerable questions
+    (``no_answer_accuracy``: abstained when it should), so a model that always abstains shows.
+    With the teacher's answers, agreement = share of identical (normalised) answers.
+    ``accuracy`` and ``macro_f1`` carry EM and F1 so tables across tasks share their columns."""
+    em = np.array([max(float(normalize(p) == normalize(g)) for g in (e.answers or ("",)))
+                   for p, e in zip(preds, examples)])
+    f1 = np.array([max(f1_score(p, g) for g in (e.answers or ("",))) for p, e in zip(preds, examples)])
+    has = np.array([bool(e.answers) for e in examples])
+    out = {"exact_match": float(em.mean()), "f1": float(f1.mean()), "n": len(examples)}
+    if has.any():
+        out.update(has_answer_exact=float(em[has].mean()), has_answer_f1=float(f1[has].mean()),
+                   has_answer_n=int(has.sum()))
+    if (~has).any():
+        out.update(no_answer_accuracy=float(em[~has].mean()), no_answer_n=int((~has).sum()))
     out.update(accuracy=out["exact_match"], macro_f1=out["f1"])
     if reference is not None:
         out["agreement"] = float(np.mean([normalize(p) == normalize(r) for p, r in zip(preds, reference)]))
@@ -143,7 +174,7 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
     start_t = time.perf_counter()
     set_seed(seed)
     tok = student.tokenizer
-    enc = tok(texts, pairs, truncation="only_second", max_length=max_length)
+    enc = windows(tok, texts, pairs, max_length)  # long contexts: every window is a training feature
     names, pad = student.input_names, tok.pad_token_id or 0
     pairs_map = layer_map(keep)
     model = student.module
@@ -152,11 +183,12 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
     opt, sched = text_optimizer(params, cfg)
     v = None
     if validation is not None:
-        v_enc = tok(validation[0], validation[1], truncation="only_second", max_length=max_length)
+        v_enc = windows(tok, validation[0], validation[1], max_length)
         v_ref = [lg.argmax(0) for lg in span_logits(torch_qa_runner(teacher), teacher, v_enc)]
         v = (v_enc, v_ref)
     eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if v else set()
-    sampler = EpochSampler(len(texts), cfg.batch_size, np.random.default_rng(seed))
+    bf16 = use_bf16(cfg.bf16)
+    sampler = EpochSampler(len(enc["input_ids"]), cfg.batch_size, np.random.default_rng(seed))
     totals = {"kd": 0.0, "hidden": 0.0}
     ema, best = math.nan, BestCheckpoint(cfg.steps)
     teacher.module.eval()
@@ -166,12 +198,13 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
         batch = {k: torch.from_numpy(x) for k, x in pad_batch(enc, idx, names, pad).items()}
         with torch.no_grad():
             t_out = teacher.module(**batch, output_hidden_states=cfg.hidden_weight > 0)
-        out = model(**batch, output_hidden_states=cfg.hidden_weight > 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(**batch, output_hidden_states=cfg.hidden_weight > 0)
         mask = batch["attention_mask"]
         loss = _span_kd(out.logits.float(), t_out.logits.float(), mask, cfg.temperature)
         totals["kd"] += loss.item()
         if cfg.hidden_weight > 0:
-            h = sum(hidden_loss(out.hidden_states[s + 1], t_out.hidden_states[t + 1], mask)
+            h = sum(hidden_loss(out.hidden_states[s + 1].float(), t_out.hidden_states[t + 1], mask)
                     for s, t in pairs_map) / len(pairs_map)
             loss = loss + cfg.hidden_weight * h
             totals["hidden"] += h.item()
@@ -269,8 +302,8 @@ class QuestionAnsweringTask:
         length = qa_length(cfg, d.student)
 
         def batches(idx: list[int]) -> list[dict[str, np.ndarray]]:
-            enc = d.student.tokenizer([d.transfer.texts[i] for i in idx], [d.transfer.pairs[i] for i in idx],
-                                      truncation="only_second", max_length=length)
+            enc = windows(d.student.tokenizer, [d.transfer.texts[i] for i in idx],
+                          [d.transfer.pairs[i] for i in idx], length)
             return batches_from_encodings(enc, d.student.input_names, d.student.tokenizer.pad_token_id or 0)
 
         half = min(128, len(order) // 2)
