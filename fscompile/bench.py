@@ -222,7 +222,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals["real_b1_p50"] = r["profile"]["real"]["batch1"]["p50_ms"]
         t = teacher.get((r["shots"], r["seed"]))
         if t:
-            vals["retention"] = r["accuracy"] / t["accuracy"]
+            # a teacher at 0 (e.g. EM of an untrained QA head) has nothing to retain
+            vals["retention"] = r["accuracy"] / t["accuracy"] if t["accuracy"] else float("nan")
             vals["speedup_vs_teacher"] = t["profile"]["batch1"]["p50_ms"] / b1
             vals["smaller_than_teacher"] = t["size_mb"] / r["size_mb"]
         s = strongest.get((r["shots"], r["seed"]))

@@ -173,3 +173,21 @@ def test_real_squad_subset_loads(shared):
     for e in task.shots:
         for text, start in zip(e.answers, e.starts):
             assert e.context[start:start + len(text)] == text
+
+
+def test_qa_bench_runs_through_the_same_tables(tiny_qa, squad_file, tmp_path):
+    """fscompile bench on a QA teacher: fscompile rows and the teacher's peers, scored by EM/F1."""
+    from click.testing import CliRunner
+
+    from fscompile.cli import main
+
+    out = tmp_path / "bench"
+    r = CliRunner().invoke(main, ["bench", "--teacher", str(tiny_qa), "--data", str(squad_file), "--targets",
+                                  "ort-int8", "--shots", "2", "--seeds", "1", "--steps", "4", "--max-eval", "12",
+                                  "--profile-seconds", "0.05", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    systems = {row.get("system") for row in rows}
+    assert {"fscompile ort-int8", "teacher PyTorch fp32", "teacher ORT dynamic INT8"} <= systems
+    assert all(0 <= row["f1"] <= 1 for row in rows if row.get("system"))
+    assert "fscompile ort-int8" in (out / "table.md").read_text()
