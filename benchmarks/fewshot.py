@@ -43,6 +43,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
     p.add_argument("--prune-heads", action="store_true", help="prune attention heads as well as FFN channels")
+    p.add_argument("--ops", default=None, help="transfer-set augmentations (fscompile's --augment-ops); rows are labelled "
+                   "'fscompile ops=...' so they sit next to the default ones")
     p.add_argument("--baselines", default="finetune,logitkd,teacher,teacher-int8")
     p.add_argument("--out", default=str(REPO / "bench-out/fewshot"))
     p.add_argument("--max-eval", type=int, default=None)
@@ -204,7 +206,7 @@ def main() -> None:
                     record({**base, "method": "(d) teacher INT8", "layers": "-", **teacher_int8(teacher, task, work)})
                 for layers in args.layers.split(","):
                     keep: list[int] | None = None
-                    variants = [("fscompile", None)]
+                    variants = [("fscompile" + (f" ops={args.ops}" if args.ops else ""), None)]
                     if args.unlabeled:
                         variants.append((f"fscompile+{args.unlabeled} unlabeled",
                                          unlabeled_file(args.data, task, args.unlabeled, seed, work)))
@@ -217,6 +219,7 @@ def main() -> None:
                         m = fscompile.compile(args.teacher, data=args.data, target="ort-int8", shots=shots, seed=seed,
                                               student_layers=layers, steps=args.steps, unlabeled=unl,
                                               embedding_bits=args.embedding_bits, prune_heads=args.prune_heads,
+                                              **({"ops": args.ops} if args.ops else {}),
                                               max_eval=args.max_eval, out=work / "run", force=True)
                         record({**base, "method": method, "layers": layers,
                                 "accuracy": m["metrics"]["artifact"]["accuracy"],

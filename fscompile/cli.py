@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .config import TASKS
+from .config import TASKS, DistillConfig
 from .errors import EXIT_CODES, FscompileError
 
 DEFAULT_COMMAND = "compile"
@@ -102,6 +102,9 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Distillation batch size.")
 @click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature.")
 @click.option("--augment", default=100, show_default=True, type=int, help="Augmented variants per shot in the transfer set.")
+@click.option("--augment-ops", "ops", default=DistillConfig.ops, show_default=True,
+              help="Augmentations of the transfer set, comma-separated, cycled over the variants (repeat one to "
+              "weight it): mask, drop, swap, mix, crop, vocab (vocabulary words), near (embedding neighbours).")
 @click.option("--unlabeled", type=click.Path(), help="Raw in-domain text (.txt, one per line, or a table) for the transfer set.")
 @click.option("--prune", default=0.2, show_default=True, type=float, help="Pruning rate, in the pattern the target accelerates.")
 @click.option("--prune-heads/--no-prune-heads", default=False, show_default=True,
@@ -141,9 +144,9 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
     from .ui import ProgressUI, print_summary
 
     try:
-        from .config import CompileConfig, DistillConfig
+        from .config import CompileConfig
 
-        dist_keys = ("steps", "lr", "batch_size", "temperature", "augment", "unlabeled", "max_length")
+        dist_keys = ("steps", "lr", "batch_size", "temperature", "augment", "ops", "unlabeled", "max_length")
         try:
             dist = DistillConfig(**{k: opts.pop(k) for k in dist_keys})
             cfg = CompileConfig(teacher=teacher, distill=dist, **opts)

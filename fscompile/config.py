@@ -51,6 +51,12 @@ class DistillConfig:
             raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
         if self.augment < 0:
             raise ValueError(f"augment must be >= 0, got {self.augment}")
+        from .augment import OPS
+
+        unknown = [o for o in self.ops.split(",") if o not in OPS]
+        if unknown or not self.ops:
+            raise ValueError(f"--augment-ops: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(OPS)} "
+                             "(comma-separated, cycled over the variants; repeat one to weight it)")
 
 
 @dataclass(frozen=True)

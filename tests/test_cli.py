@@ -57,6 +57,7 @@ def test_compile_with_head_and_default_out(tiny_teacher, tmp_path, monkeypatch):
     (["--shots", "0"], 2, "--shots must be >= 1"),
     (["--shots", "500"], 3, "fewer than --shots 500"),
     (["--data", "missing.tsv"], 3, "data file not found"),
+    (["--augment-ops", "mask,shuffle"], 2, "--augment-ops: unknown shuffle"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_teacher, tmp_path, args, code, message):
     out = tmp_path / "out"
