@@ -134,8 +134,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fscompile-qa-") as tmp:
         data = Path(tmp) / "squad"
         split_articles(Path(args.data), data)
-        info = ({"teacher_steps": 0, "teacher_questions": 0} if args.teacher
-                else fine_tune_teacher(data, args.base, args.epochs, teacher, args.lr))
+        if args.teacher:  # what this script recorded when it fine-tuned that teacher, if it did
+            saved = teacher / "fine-tune.json"
+            info = json.loads(saved.read_text()) if saved.exists() else {"teacher_steps": 0, "teacher_questions": 0}
+        else:
+            info = fine_tune_teacher(data, args.base, args.epochs, teacher, args.lr)
+            (teacher / "fine-tune.json").write_text(json.dumps(info))
         for seed in range(args.seeds):
             t = time.perf_counter()
             m = fscompile.compile(str(teacher), data=str(data), shots=args.shots, seed=seed, steps=args.steps,
