@@ -225,7 +225,7 @@ def main() -> None:
                                 "accuracy": m["metrics"]["artifact"]["accuracy"],
                                 "student_accuracy": m["metrics"]["student"]["accuracy"],
                                 "agreement": m["metrics"]["artifact"]["agreement"],
-                                "size_mb": m["size_mb"]["artifact"],
+                                "size_mb": m["size_mb"]["artifact"], "variant": m["artifact"].get("variant"),
                                 "compression": m["compression"]["size_ratio_vs_teacher"],
                                 "compile_s": time.perf_counter() - t, "timings": m["timings_s"],
                                 "layers_kept": m["student"]["layers_kept"], "prepare": m["student"]["prepare"],
