@@ -149,7 +149,8 @@ def main() -> None:
                 record({"seed": seed, "shots": args.shots, "model": who, **info,
                         **{k: met[who][k] for k in METRICS}, "size_mb": m["size_mb"][who],
                         "b1_ms": m["profile"][who]["batch1"]["p50_ms"], "layers_kept": m["student"]["layers_kept"],
-                        "compile_s": time.perf_counter() - t, "timings_s": m["timings_s"]})
+                        "compile_s": time.perf_counter() - t, "timings_s": m["timings_s"],
+                        "best_step": m["distillation"]["best_step"], "validation": m["distillation"]["validation"]})
     n_has = rows[0]["has_answer_n"]
     lines = [f"SQuAD 2.0 subset: teacher {args.base} + span head fine-tuned here on part A "
              f"({info['teacher_questions']} questions, {info['teacher_steps']} steps); {args.shots} answerable + "
