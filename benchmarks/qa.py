@@ -32,7 +32,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="the teacher's fine-tuning learning rate")
     p.add_argument("--teacher", default=None, help="a SQuAD 2.0 teacher to use as is (skips the fine-tune)")
     p.add_argument("--shots", type=int, default=10)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="shot draws (0: only rebuild the table from --out)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--layers", default="3")
     p.add_argument("--max-eval", type=int, default=600)
@@ -147,15 +147,18 @@ def main() -> None:
             met = m["metrics"]
             for who in ("teacher", "student", "artifact"):
                 record({"seed": seed, "shots": args.shots, "model": who, **info,
-                        **{k: met[who][k] for k in METRICS}, "size_mb": m["size_mb"][who],
+                        **{k: met[who][k] for k in (*METRICS, "n", "has_answer_n")}, "size_mb": m["size_mb"][who],
                         "b1_ms": m["profile"][who]["batch1"]["p50_ms"], "layers_kept": m["student"]["layers_kept"],
                         "compile_s": time.perf_counter() - t, "timings_s": m["timings_s"],
                         "best_step": m["distillation"]["best_step"], "validation": m["distillation"]["validation"]})
-    n_has = rows[0]["has_answer_n"]
+    if not rows:  # --seeds 0: rebuild the table from the rows already recorded
+        rows = [json.loads(line) for line in results.path.read_text().splitlines() if line.strip()]
+    seeds = sorted({r["seed"] for r in rows})
+    n_has = rows[0].get("has_answer_n", "?")
     lines = [f"SQuAD 2.0 subset: teacher {args.base} + span head fine-tuned here on part A "
              f"({info['teacher_questions']} questions, {info['teacher_steps']} steps); {args.shots} answerable + "
-             f"{args.shots} unanswerable shots from part A; evaluation on {rows[0]['n']} questions of part B "
-             f"(other articles; {n_has} answerable); seeds 0-{args.seeds - 1}.", "",
+             f"{args.shots} unanswerable shots from part A; evaluation on {rows[0].get('n', args.max_eval)} questions of part B "
+             f"(other articles; {n_has} answerable); {args.steps} distillation steps; seeds {seeds}.", "",
              "| model | EM | F1 (% of teacher) | F1 answerable | abstained when unanswerable | agreement with teacher "
              "| MB | b1 p50 ms |", "|---|---|---|---|---|---|---|---|"]
     table = []
