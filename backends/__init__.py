@@ -39,6 +39,7 @@ class Recipe:
     seq_len: int = 128
     calibration: str = "auto"
     embedding_bits: int = 8  # 4: the word-embedding table block-quantized to 4 bits
+    variant: str | None = None  # build only this INT8 candidate (verification's unpruned twin: latency only)
 
 
 class Backend(abc.ABC):

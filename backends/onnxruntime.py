@@ -213,14 +213,19 @@ class OrtInt8Backend(_OrtBackend):
             candidates: dict[str, Path] = {}
             errors: dict[str, str] = {}
             dyn = work / "dynamic.onnx"
-            try:
-                candidates["dynamic-per-channel"] = dynamic_int8(self._embeddings(fused, recipe), dyn, fused=True)
-            except Exception as e:  # record and fall back to the other candidate
-                errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
+            want = recipe.variant  # None: every candidate, chosen below
+            if want in (None, "dynamic-per-channel"):
+                try:
+                    candidates["dynamic-per-channel"] = dynamic_int8(self._embeddings(fused, recipe), dyn, fused=True)
+                except Exception as e:  # record and fall back to the other candidate
+                    errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
             methods = self.calibration_methods if recipe.calibration == "auto" else (recipe.calibration,)
+            if want is not None:
+                methods = tuple(m for m in methods if want == f"static-qdq-{m}")
             pre = work / "pre.onnx"
             try:
-                self._preprocess(raw, pre)
+                if methods:
+                    self._preprocess(raw, pre)
             except Exception as e:
                 errors["static-qdq"] = f"pre-processing failed: {str(e).splitlines()[0][:200]}"
                 methods = ()

@@ -238,7 +238,9 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
             prof = profile_all(work / "teacher", work / "student", artifact.path / artifact.model_file, vocab, length,
                                cfg.profile_seconds, real_len)
         with timed(timings, "verify", progress):
-            unpruned_ms = (unpruned_latency(backend, d.unpruned, cal, recipe, work, vocab, length, cfg)
+            # the unpruned twin only needs the kept INT8 variant: latency does not depend on calibration
+            twin = dataclasses.replace(recipe, variant=artifact.info.get("variant"))
+            unpruned_ms = (unpruned_latency(backend, d.unpruned, cal, twin, work, vocab, length, cfg)
                            if d.unpruned is not None and backend.available()[0] else None)
             verification = verify(cfg, backend, evaluation, prof, unpruned_ms)
             if cfg.fallback and not verification["ok"]:

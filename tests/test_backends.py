@@ -70,6 +70,13 @@ def test_ort_int8_artifact_loads_with_plain_onnxruntime(student, tmp_path):
     assert np.abs(logits - ref).max() < 0.5  # INT8 error on a random tiny model stays small
 
 
+@pytest.mark.parametrize("variant", ["dynamic-per-channel", "static-qdq-entropy"])
+def test_ort_int8_builds_only_a_requested_variant(student, tmp_path, variant):
+    """Verification's unpruned twin asks for the variant the artifact kept, and gets only that one."""
+    art = get_backend("ort-int8").compile(student, _calib(student), tmp_path / "one", Recipe(variant=variant))
+    assert set(art.info["candidates"]) == {variant} and art.info["variant"] == variant, art.info["errors"]
+
+
 def test_prepare_prunes_ffn(tiny_teacher):
     s, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
     get_backend("ort-int8").prepare(s, Recipe(prune=0.5))
