@@ -77,7 +77,7 @@ def fine_tune_teacher(root: Path, base: str, epochs: float, out: Path, lr: float
 
     from fscompile.data.batching import pad_batch
     from fscompile.data.qa import load_qa_splits
-    from fscompile.distill import use_bf16
+    from fscompile.distill import EpochSampler, update, use_bf16
     from fscompile.models.text import resolve_source
     from fscompile.tasks.qa import windows
 
@@ -95,21 +95,15 @@ def fine_tune_teacher(root: Path, base: str, epochs: float, out: Path, lr: float
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / warm, max(0.0, (steps - k) / (steps - warm))))
     model.train()
     t = time.perf_counter()
-    rng = np.random.default_rng(0)
-    order = []
+    sampler = EpochSampler(n, 16, np.random.default_rng(0))
+    params = list(model.parameters())
     for step in range(steps):
-        if len(order) < 16:
-            order += rng.permutation(n).tolist()
-        idx, order = order[:16], order[16:]
+        idx = sampler.next()
         batch = {k: torch.from_numpy(v) for k, v in pad_batch(enc, idx, ["input_ids", "attention_mask", "token_type_ids"],
                                                                tok.pad_token_id or 0).items()}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16("auto")):  # as fscompile trains
             res = model(**batch, start_positions=y[0][idx], end_positions=y[1][idx])
-        opt.zero_grad()
-        res.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        update(res.loss, opt, sched, params)
         if step % 25 == 0:
             print(f"teacher step {step}/{steps} loss {res.loss.item():.3f}", file=sys.stderr, flush=True)
     model.save_pretrained(out)
