@@ -36,6 +36,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--layers", default="3")
     p.add_argument("--max-eval", type=int, default=600)
+    p.add_argument("--student-lr", type=float, default=None, help="fscompile --lr (default: fscompile's)")
+    p.add_argument("--unlabeled", type=int, default=0,
+                   help="questions of part A (answers stripped) passed to fscompile --unlabeled")
     p.add_argument("--out", default=str(REPO / "bench-out/qa"))
     return p.parse_args()
 
@@ -49,6 +52,20 @@ def split_articles(src: Path, root: Path, seed: int = 0) -> None:
     for name, idx in (("train-v2.0.json", order[:half]), ("dev-v2.0.json", order[half:])):
         (root / name).write_text(json.dumps({"version": raw.get("version", "v2.0"),
                                              "data": [raw["data"][i] for i in sorted(idx)]}))
+
+
+def unlabeled_pool(root: Path, n: int, seed: int = 0) -> Path:
+    """``n`` questions of part A, answers stripped, as a SQuAD file: raw questions on the
+    user's own documents, which is what a real user of --unlabeled would have."""
+    raw = json.loads((root / "train-v2.0.json").read_text())
+    qas = [(a["title"], p["context"], q) for a in raw["data"] for p in a["paragraphs"] for q in p["qas"]]
+    pick = sorted(np.random.default_rng(seed).permutation(len(qas))[:n].tolist())
+    data = [{"title": qas[i][0], "paragraphs": [{"context": qas[i][1], "qas": [
+        {"id": qas[i][2]["id"], "question": qas[i][2]["question"], "answers": [], "is_impossible": True}]}]}
+        for i in pick]
+    path = root.parent / "unlabeled.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return path
 
 
 def span_targets(enc, rows) -> tuple[list[int], list[int]]:
@@ -134,17 +151,25 @@ def main() -> None:
         else:
             info = fine_tune_teacher(data, args.base, args.epochs, teacher, args.lr)
             (teacher / "fine-tune.json").write_text(json.dumps(info))
+        extra = {"unlabeled": str(unlabeled_pool(data, args.unlabeled))} if args.unlabeled else {}
+        if args.student_lr:
+            extra["lr"] = args.student_lr
         for seed in range(args.seeds):
             t = time.perf_counter()
             m = fscompile.compile(str(teacher), data=str(data), shots=args.shots, seed=seed, steps=args.steps,
-                                  student_layers=args.layers, max_eval=args.max_eval, out=Path(tmp) / "run", force=True)
+                                  student_layers=args.layers, max_eval=args.max_eval, out=Path(tmp) / "run", force=True,
+                                  **extra)
             met = m["metrics"]
             for who in ("teacher", "student", "artifact"):
                 record({"seed": seed, "shots": args.shots, "model": who, **info,
                         **{k: met[who][k] for k in (*METRICS, "n", "has_answer_n")}, "size_mb": m["size_mb"][who],
                         "b1_ms": m["profile"][who]["batch1"]["p50_ms"], "layers_kept": m["student"]["layers_kept"],
                         "compile_s": time.perf_counter() - t, "timings_s": m["timings_s"],
-                        "best_step": m["distillation"]["best_step"], "validation": m["distillation"]["validation"]})
+                        "steps": args.steps, "unlabeled": args.unlabeled, "lr": args.student_lr,
+                        "losses": m["distillation"]["losses"], "best_step": m["distillation"]["best_step"],
+                        "null_threshold": json.loads((Path(tmp) / "run/model/config.json").read_text())
+                        .get("null_score_diff_threshold", 0.0) if who != "teacher" else 0.0,
+                        "validation": m["distillation"]["validation"]})
     if not rows:  # --seeds 0: rebuild the table from the rows already recorded
         rows = [json.loads(line) for line in results.path.read_text().splitlines() if line.strip()]
     seeds = sorted({r["seed"] for r in rows})
@@ -152,7 +177,8 @@ def main() -> None:
     lines = [f"SQuAD 2.0 subset: teacher {args.base} + span head fine-tuned here on part A "
              f"({info['teacher_questions']} questions, {info['teacher_steps']} steps); {args.shots} answerable + "
              f"{args.shots} unanswerable shots from part A; evaluation on {rows[0].get('n', args.max_eval)} questions of part B "
-             f"(other articles; {n_has} answerable); {args.steps} distillation steps; seeds {seeds}.", "",
+             f"(other articles; {n_has} answerable); {rows[0].get('steps', args.steps)} distillation steps; "
+             f"{rows[0].get('unlabeled', 0)} unlabeled questions of part A; seeds {seeds}.", "",
              "| model | EM | F1 (% of teacher) | F1 answerable | abstained when unanswerable | agreement with teacher "
              "| MB | b1 p50 ms |", "|---|---|---|---|---|---|---|---|"]
     table = []

@@ -118,6 +118,12 @@ def render_markdown(m: dict[str, Any]) -> str:
                      + " / ".join(f"{mets[k]['has_answer_f1']:.4f}" for k, _ in ROWS)
                      + f"; abstained on the {mets['teacher']['no_answer_n']} unanswerable ones "
                      + " / ".join(f"{mets[k]['no_answer_accuracy']:.4f}" for k, _ in ROWS) + ".")
+    dist = m["distillation"]
+    kept = [c for c in dist.get("validation", []) if c["step"] == dist.get("best_step") and "threshold" in c]
+    if kept:
+        lines.append(f"- No-answer threshold of the student and artifact: {kept[0]['threshold']:+.3f} (tuned on "
+                     f"held-out augmented shots, F1 against the teacher's answers there {kept[0]['f1']:.4f}; "
+                     "in model/config.json as `null_score_diff_threshold`).")
     decode = m["profile"]["artifact"].get("decode")
     if decode:
         lines.append(f"- Generation from the artifact (key/value cache): one new token after {decode['past_len']} "

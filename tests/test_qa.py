@@ -84,6 +84,21 @@ def test_squad_metrics_and_decoding(tiny_qa, squad_file):
     assert decode([logits], enc, qa) == [f"{w[1]} {w[2]}"]
     logits[0] = 20.0  # the no-answer score at [CLS] wins
     assert decode([logits], enc, qa) == [""]
+    assert decode([logits], enc, qa, threshold=31.0) == [f"{w[1]} {w[2]}"]  # unless it must win by more
+
+
+def test_no_answer_threshold_is_tuned_against_the_teacher():
+    from fscompile.tasks.qa import tune_threshold
+
+    # a student whose no-answer scores sit above its spans everywhere: at threshold 0 it always
+    # abstains, though its spans agree with the teacher's on the questions the teacher answers
+    scored = [("alpha beta", 2.0), ("Gamma.", 2.5), ("delta", 4.0), ("wrong", 5.0), ("", float("inf"))]
+    t, f1 = tune_threshold(scored, ["alpha beta", "gamma", "", "", ""])
+    assert 2.5 <= t < 4.0 and f1 == 1.0
+    # equally good thresholds: the one nearest 0 (the untuned default)
+    assert tune_threshold([("a", -1.0), ("b", 1.0)], ["a", ""]) == (0.0, 1.0)
+    # answering where the teacher abstains only loses: the threshold stays below that span
+    assert tune_threshold([("x", -3.0)], [""])[0] < -3.0
 
 
 def test_long_context_is_read_in_overlapping_windows(tiny_qa):
@@ -129,8 +144,15 @@ def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
 
     out = tmp_path / "out"
     m = fscompile.compile(str(tiny_qa), data=str(squad_file), shots=2, steps=8, augment=3, student_layers="0,2",
-                          profile_seconds=0.02, out=out)
+                          profile_seconds=0.02, out=out, unlabeled=str(squad_file))
     assert m["task"] == "question-answering" and m["student"]["layers_kept"] == [0, 2]
+    # the data file doubles as the unlabeled pool: every question but those on evaluation contexts
+    from fscompile.data.qa import load_qa_task, load_unlabeled_qa
+
+    task = load_qa_task(str(squad_file), shots=2, seed=0)
+    pool = load_unlabeled_qa(str(squad_file), task.eval)
+    assert m["distillation"]["transfer_origin"]["unlabeled"] == len(pool) == 48 - len(task.eval) > 0
+    assert not {c for _, c in pool} & {e.context for e in task.eval}
     for who in ("teacher", "student", "artifact"):
         assert {"exact_match", "f1", "agreement"} <= set(m["metrics"][who])
         assert 0 <= m["metrics"][who]["f1"] <= 1
@@ -141,6 +163,9 @@ def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
     assert [o.name for o in sess.get_outputs()] == ["start_logits", "end_logits"]
     cfg = json.loads((out / "model/config.json").read_text())
     assert cfg["architectures"] == ["BertForQuestionAnswering"]
+    # the no-answer threshold tuned on held-out shots at the kept step travels with the artifact
+    kept = [c for c in m["distillation"]["validation"] if c["step"] == m["distillation"]["best_step"]]
+    assert cfg["null_score_diff_threshold"] == kept[0]["threshold"] and "No-answer threshold" in report
     # the torch copy written for profiling round-trips as a QA model
     from fscompile.models.qa import QAModel, load_qa_teacher
 

@@ -130,3 +130,22 @@ def load_qa_task(spec: str | None, shots: int, seed: int = 0, max_eval: int | No
     return QATaskData(label_names=kinds, shots=[pool[i] for i in idx], eval=eval_rows, shot_split=shot_split,
                       shot_indices=idx, eval_split=eval_split, source=source,
                       columns={"text": "question", "text_pair": "context", "label": "answers"})
+
+
+def load_unlabeled_qa(spec: str, exclude: list[QAExample] = ()) -> list[tuple[str, str]]:
+    """(question, context) pairs for the transfer set from anything ``--data`` accepts; answers
+    are ignored (the teacher labels them). Questions on a context in ``exclude`` (the evaluation
+    rows) are dropped, so the same file can serve as data and as the unlabeled pool."""
+    splits, source = load_qa_splits(spec)
+    held = {e.context for e in exclude}
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for rows in splits.values():
+        for e in rows:
+            if e.context not in held and (e.question, e.context) not in seen:
+                seen.add((e.question, e.context))
+                out.append((e.question, e.context))
+    if not out:
+        raise InputError(f"--unlabeled {source}: no questions outside the evaluation contexts")
+    return out
+

@@ -5,7 +5,9 @@ set is the shots with their question or their context augmented; the teacher run
 (span logits vary in length, so they are not cached). Contexts longer than the input are cut
 into overlapping windows (Hugging Face's doc stride), every window a feature of its question.
 Answers are decoded the usual way: the best start/end pair inside a window's context (end >=
-start, at most 30 tokens) over all windows, against the lowest no-answer score at [CLS]; EM and
+start, at most 30 tokens) over all windows, against the lowest no-answer score at [CLS] plus a
+threshold. The student's threshold is tuned on held-out augmented shots so that its answers
+match the teacher's there (abstentions included), and travels in its config.json; EM and
 F1 follow the official SQuAD 2.0 rules (an unanswerable question is right only when the
 prediction is empty), with the HasAns/NoAns breakdown of the official script.
 """
@@ -88,9 +90,11 @@ def span_logits(runner: Callable[[dict[str, np.ndarray]], np.ndarray], model: QA
     return out
 
 
-def decode(logits: list[np.ndarray], enc: Any, examples: list[QAExample], top: int = 20) -> list[str]:
-    """The answer text per example ("" = no answer): the best span over the example's windows
-    against its lowest no-answer score (as Hugging Face's SQuAD 2.0 post-processing does)."""
+def decode_scored(logits: list[np.ndarray], enc: Any, examples: list[QAExample],
+                  top: int = 20) -> list[tuple[str, float]]:
+    """Per example, its best span over its windows (at most 30 tokens, end >= start) and how far
+    its lowest no-answer score lies above that span's score (Hugging Face's ``score_diff``;
+    infinite when no window holds context)."""
     best: list[tuple[float, str]] = [(-math.inf, "")] * len(examples)
     null = [math.inf] * len(examples)
     for f, lg in enumerate(logits):
@@ -108,7 +112,46 @@ def decode(logits: list[np.ndarray], enc: Any, examples: list[QAExample], top: i
             for e in ends:
                 if s <= e < s + MAX_ANSWER_TOKENS and start[s] + end[e] > best[i][0]:
                     best[i] = (float(start[s] + end[e]), context[offsets[s][0]:offsets[e][1]])
-    return [text if score > n else "" for (score, text), n in zip(best, null)]
+    return [(text, n - score) for (score, text), n in zip(best, null)]
+
+
+def decode(logits: list[np.ndarray], enc: Any, examples: list[QAExample], threshold: float = 0.0) -> list[str]:
+    """The answer text per example ("" = no answer): the best span, unless the no-answer score
+    beats it by more than ``threshold`` (Hugging Face's ``null_score_diff_threshold``)."""
+    return [text if diff <= threshold else "" for text, diff in decode_scored(logits, enc, examples)]
+
+
+def null_threshold(model: QAModel) -> float:
+    """The no-answer threshold ``model`` was tuned to (0, Hugging Face's default, if never tuned);
+    it travels in the model's ``config.json``."""
+    return float(getattr(model.config, "null_score_diff_threshold", 0.0))
+
+
+def tune_threshold(scored: list[tuple[str, float]], reference: list[str]) -> tuple[float, float]:
+    """The no-answer threshold at which ``scored`` (from :func:`decode_scored`) agrees best with
+    the ``reference`` answers ("" = abstain) in mean SQuAD F1, and that F1. This is the official
+    SQuAD 2.0 script's best-threshold search, run against the teacher instead of gold: a student
+    whose no-answer scores are shifted, say always a little above its span scores, then abstains
+    as often as the teacher rather than always. Among equally good thresholds, the one nearest 0."""
+    if not scored:
+        return 0.0, math.nan
+    diffs = np.array([d for _, d in scored])
+    gain = np.array([f1_score(t, r) - f1_score("", r) for (t, _), r in zip(scored, reference)])
+    base = float(np.sum([f1_score("", r) for r in reference]))
+    order = [i for i in np.argsort(diffs, kind="stable") if np.isfinite(diffs[i])]
+    edges = [-math.inf, *diffs[order].tolist(), math.inf]
+    # candidate k answers the k questions with the smallest diffs: thresholds in [edges[k], edges[k+1])
+    totals = base + np.concatenate([[0.0], np.cumsum(gain[order])])
+    best_total = totals.max()
+
+    def point(k: int) -> float:
+        lo, hi = edges[k], edges[k + 1]
+        if lo <= 0 < hi:
+            return 0.0
+        return hi - 1.0 if lo == -math.inf else lo + 1.0 if hi == math.inf else (lo + hi) / 2
+
+    ties = [point(k) for k in range(len(totals)) if totals[k] >= best_total - 1e-9 and edges[k] < edges[k + 1]]
+    return min(ties, key=abs), float(best_total / len(scored))
 
 
 def normalize(text: str) -> str:
@@ -183,12 +226,13 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
     opt, sched = text_optimizer(params, cfg)
     v = None
     if validation is not None:
-        # agreement on decoded answers, as reported: per-window argmax agreement is dominated by
-        # [CLS] and rewards a student that always abstains
+        # F1 against the teacher's decoded answers, at the student's best no-answer threshold:
+        # per-window argmax agreement is dominated by [CLS] and rewards a student that always
+        # abstains, and an untuned threshold hides a student whose spans are right
         v_rows = [QAExample(str(i), q, c, (), ()) for i, (q, c) in enumerate(zip(*validation))]
         v_enc = encode(teacher, v_rows, max_length)
         v = (v_rows, v_enc, [normalize(a) for a in decode(span_logits(torch_qa_runner(teacher), teacher, v_enc),
-                                                             v_enc, v_rows)])
+                                                             v_enc, v_rows, null_threshold(teacher))])
     eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if v else set()
     bf16 = use_bf16(cfg.bf16)
     sampler = EpochSampler(len(enc["input_ids"]), cfg.batch_size, np.random.default_rng(seed))
@@ -215,13 +259,16 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
         if step + 1 in eval_at:
             model.eval()
-            got = decode(span_logits(torch_qa_runner(student), student, v[1]), v[1], v[0])
-            agree = float(np.mean([normalize(g) == r for g, r in zip(got, v[2])]))
+            scored = decode_scored(span_logits(torch_qa_runner(student), student, v[1]), v[1], v[0])
+            t, f1 = tune_threshold(scored, v[2])
+            agree = float(np.mean([normalize(a if d <= t else "") == r for (a, d), r in zip(scored, v[2])]))
             model.train()
-            best.check(step + 1, agree, model, agreement=agree)
+            best.check(step + 1, f1, model, f1=f1, agreement=agree, threshold=t)
         if progress:
             progress(step + 1, cfg.steps, ema)
-    best.restore(model)
+    if best.restore(model):
+        # the no-answer threshold tuned with the kept weights; config.json carries it to the artifact
+        student.config.null_score_diff_threshold = next(c["threshold"] for c in best.curve if c["step"] == best.step)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(texts), seconds=time.perf_counter() - start_t,
                         final_loss=ema, losses={k: v_ / cfg.steps for k, v_ in totals.items()}, layer_map=pairs_map,
@@ -236,9 +283,10 @@ def as_examples(task: QATaskData) -> list[Example]:
 def evaluate_qa(task: QATaskData, teacher: QAModel, student: QAModel, artifact_runner: Any,
                 max_length: int) -> dict[str, Any]:
     enc = encode(student, task.eval, max_length)
-    ref = decode(span_logits(torch_qa_runner(teacher), teacher, enc), enc, task.eval)
-    stu = decode(span_logits(torch_qa_runner(student), student, enc), enc, task.eval)
-    art = decode(span_logits(artifact_runner, student, enc), enc, task.eval)
+    ref = decode(span_logits(torch_qa_runner(teacher), teacher, enc), enc, task.eval, null_threshold(teacher))
+    t = null_threshold(student)  # the artifact is the student: same threshold
+    stu = decode(span_logits(torch_qa_runner(student), student, enc), enc, task.eval, t)
+    art = decode(span_logits(artifact_runner, student, enc), enc, task.eval, t)
     return {"teacher": squad_metrics(ref, task.eval, ref), "student": squad_metrics(stu, task.eval, ref),
             "artifact": squad_metrics(art, task.eval, ref)}
 
@@ -253,15 +301,15 @@ class QuestionAnsweringTask:
 
         from ..augment import TransferSet, build_transfer_set, vocabulary_words
         from ..checkpoint import checkpoint_dir, resume_or_distill
-        from ..data.qa import load_qa_task
+        from ..data.qa import load_qa_task, load_unlabeled_qa
         from ..errors import InputError
         from ..models.qa import load_qa_teacher
         from ..models.text import derive_student, parse_layers
         from ..pipeline import _recipe
         from . import Distilled, timed
 
-        if cfg.embedding_rank or cfg.distill.unlabeled:
-            raise InputError("--embedding-rank and --unlabeled apply to text classification only")
+        if cfg.embedding_rank:
+            raise InputError("--embedding-rank applies to text classification only")
         timings: dict[str, float] = {}
         set_seed(cfg.seed)
         with timed(timings, "load data", progress):
@@ -277,6 +325,11 @@ class QuestionAnsweringTask:
 
             transfer = build_transfer_set(as_examples(task), cfg.distill.augment, cfg.seed, mask, None, ops,
                                           Lexicon(vocabulary_words(teacher.tokenizer)))
+            if cfg.distill.unlabeled:  # real questions on real contexts: what augmenting 20 shots cannot make
+                for q, c in load_unlabeled_qa(cfg.distill.unlabeled, task.eval):
+                    transfer.texts.append(q)
+                    transfer.pairs.append(c)
+                    transfer.origin.append("unlabeled")
             n = len(teacher.layers())
             plan = parse_layers(cfg.student_layers, n)
             if isinstance(plan, int):  # a count: evenly spaced (measured selection is built for classifiers)
@@ -323,7 +376,7 @@ class QuestionAnsweringTask:
     def predictions(self, d: Any, runner: Any, model: QAModel) -> list[str]:
         """``model``'s answers on the evaluation questions, through ``runner`` (None: in PyTorch)."""
         enc = encode(model, d.task.eval, qa_length(None, model))
-        return decode(span_logits(runner or torch_qa_runner(model), model, enc), enc, d.task.eval)
+        return decode(span_logits(runner or torch_qa_runner(model), model, enc), enc, d.task.eval, null_threshold(model))
 
     def score(self, d: Any, preds: list[str], reference: list[str]) -> dict[str, Any]:
         return squad_metrics(preds, d.task.eval, reference)
