@@ -325,10 +325,15 @@ class QuestionAnsweringTask:
 
             transfer = build_transfer_set(as_examples(task), cfg.distill.augment, cfg.seed, mask, None, ops,
                                           Lexicon(vocabulary_words(teacher.tokenizer)))
+            held: list[tuple[str, str]] = []
             if cfg.distill.unlabeled:  # real questions on real contexts: what augmenting 20 shots cannot make
-                for q, c in load_unlabeled_qa(cfg.distill.unlabeled, task.eval):
-                    transfer.texts.append(q)
-                    transfer.pairs.append(c)
+                pool = load_unlabeled_qa(cfg.distill.unlabeled, task.eval)
+                order = np.random.default_rng(cfg.seed + 7919).permutation(len(pool)).tolist()
+                # a quarter (at most 256) held out: early stopping then scores new contexts, not the shots'
+                held = [pool[i] for i in order[:min(256, len(pool) // 4)]]
+                for i in order[len(held):]:
+                    transfer.texts.append(pool[i][0])
+                    transfer.pairs.append(pool[i][1])
                     transfer.origin.append("unlabeled")
             n = len(teacher.layers())
             plan = parse_layers(cfg.student_layers, n)
@@ -344,7 +349,10 @@ class QuestionAnsweringTask:
                 val = build_transfer_set(as_examples(task), max(1, 256 // len(task.shots)), cfg.seed + 7919, mask,
                                          None, ops, Lexicon(vocabulary_words(teacher.tokenizer)))
                 k = len(task.shots)
-                validation = (val.texts[k:], val.pairs[k:]) if cfg.distill.evals and val.pairs else None
+                validation = (val.texts[k:], val.pairs[k:]) if val.pairs else None
+                if held:
+                    validation = ([q for q, _ in held], [c for _, c in held])
+                validation = validation if cfg.distill.evals else None
                 return distill_qa(teacher, student, transfer.texts, transfer.pairs or [], keep, cfg.distill, cfg.seed,
                                   length, lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"), validation)
 
