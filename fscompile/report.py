@@ -122,7 +122,7 @@ def render_markdown(m: dict[str, Any]) -> str:
     kept = [c for c in dist.get("validation", []) if c["step"] == dist.get("best_step") and "threshold" in c]
     if kept:
         lines.append(f"- No-answer threshold of the student and artifact: {kept[0]['threshold']:+.3f} (tuned on "
-                     f"held-out augmented shots, F1 against the teacher's answers there {kept[0]['f1']:.4f}; "
+                     f"held-out questions, F1 against the teacher's answers there {kept[0]['f1']:.4f}; "
                      "in model/config.json as `null_score_diff_threshold`).")
     decode = m["profile"]["artifact"].get("decode")
     if decode:

@@ -6,8 +6,9 @@ set is the shots with their question or their context augmented; the teacher run
 into overlapping windows (Hugging Face's doc stride), every window a feature of its question.
 Answers are decoded the usual way: the best start/end pair inside a window's context (end >=
 start, at most 30 tokens) over all windows, against the lowest no-answer score at [CLS] plus a
-threshold. The student's threshold is tuned on held-out augmented shots so that its answers
-match the teacher's there (abstentions included), and travels in its config.json; EM and
+threshold. The student's threshold is tuned on held-out questions (augmented shots, or a
+quarter of the --unlabeled pool) so that its answers match the teacher's there (abstentions
+included), and travels in its config.json; EM and
 F1 follow the official SQuAD 2.0 rules (an unanswerable question is right only when the
 prediction is empty), with the HasAns/NoAns breakdown of the official script.
 """
@@ -346,12 +347,14 @@ class QuestionAnsweringTask:
         ckpt = checkpoint_dir(cfg, backend)
         with timed(timings, "distill", progress):
             def train() -> DistillStats:
-                val = build_transfer_set(as_examples(task), max(1, 256 // len(task.shots)), cfg.seed + 7919, mask,
-                                         None, ops, Lexicon(vocabulary_words(teacher.tokenizer)))
-                k = len(task.shots)
-                validation = (val.texts[k:], val.pairs[k:]) if val.pairs else None
+                validation = None
                 if held:
                     validation = ([q for q, _ in held], [c for _, c in held])
+                elif cfg.distill.evals:  # no pool: augmented variants of the shots, drawn apart from the transfer set
+                    val = build_transfer_set(as_examples(task), max(1, 256 // len(task.shots)), cfg.seed + 7919, mask,
+                                             None, ops, Lexicon(vocabulary_words(teacher.tokenizer)))
+                    k = len(task.shots)
+                    validation = (val.texts[k:], val.pairs[k:]) if val.pairs else None
                 validation = validation if cfg.distill.evals else None
                 return distill_qa(teacher, student, transfer.texts, transfer.pairs or [], keep, cfg.distill, cfg.seed,
                                   length, lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"), validation)
