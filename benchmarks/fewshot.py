@@ -40,7 +40,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="shot draws per shot count (seeds 0..N-1)")
     p.add_argument("--layers", default="3,2", help="student layer counts, comma-separated")
     p.add_argument("--unlabeled", type=int, default=0, help="also run with N unlabeled train sentences")
+    p.add_argument("--unlabeled-file", action="append", default=[],
+                   help="also run with this text file as the unlabeled pool (e.g. out-of-domain text); repeatable")
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=None, help="fscompile's --lr (rows are labelled with it)")
     p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
     p.add_argument("--prune-heads", action="store_true", help="prune attention heads as well as FFN channels")
     p.add_argument("--ops", default=None, help="transfer-set augmentations (fscompile's --augment-ops); rows are labelled "
@@ -206,10 +209,12 @@ def main() -> None:
                     record({**base, "method": "(d) teacher INT8", "layers": "-", **teacher_int8(teacher, task, work)})
                 for layers in args.layers.split(","):
                     keep: list[int] | None = None
-                    variants = [("fscompile" + (f" ops={args.ops}" if args.ops else ""), None)]
+                    tag = (f" ops={args.ops}" if args.ops else "") + (f" lr={args.lr:g}" if args.lr else "")
+                    variants = [("fscompile" + tag, None)]
                     if args.unlabeled:
-                        variants.append((f"fscompile+{args.unlabeled} unlabeled",
+                        variants.append((f"fscompile+{args.unlabeled} unlabeled" + tag,
                                          unlabeled_file(args.data, task, args.unlabeled, seed, work)))
+                    variants += [(f"fscompile+pool {Path(f).name}" + tag, f) for f in args.unlabeled_file]
                     for method, unl in variants:
                         if (method, layers, shots, seed) in done:
                             keep = keep or next(r["layers_kept"] for r in rows if r["method"] == method
@@ -219,6 +224,7 @@ def main() -> None:
                         m = fscompile.compile(args.teacher, data=args.data, target="ort-int8", shots=shots, seed=seed,
                                               student_layers=layers, steps=args.steps, unlabeled=unl,
                                               embedding_bits=args.embedding_bits, prune_heads=args.prune_heads,
+                                              **({"lr": args.lr} if args.lr else {}),
                                               **({"ops": args.ops} if args.ops else {}),
                                               max_eval=args.max_eval, out=work / "run", force=True)
                         record({**base, "method": method, "layers": layers,

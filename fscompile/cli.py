@@ -105,8 +105,9 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--augment-ops", "ops", default=DistillConfig.ops, show_default=True,
               help="Augmentations of the transfer set, comma-separated, cycled over the variants (repeat one to "
               "weight it): mask, drop, swap, mix, crop, vocab (vocabulary words), near (embedding neighbours).")
-@click.option("--unlabeled", type=click.Path(), help="Raw in-domain text (.txt, one per line, or a table) for the transfer set; for QA, "
-              "questions on contexts in any --data format (answers ignored).")
+@click.option("--unlabeled", type=click.Path(), help="Unlabelled text for the transfer set, labelled by the teacher: a .txt file (one per "
+              "line) or anything --data accepts (a table, a directory, a Hub dataset); in-domain is best, but any "
+              "text in the language helps. Evaluation rows are dropped. QA: questions on contexts (answers ignored).")
 @click.option("--prune", default=0.2, show_default=True, type=float, help="Pruning rate, in the pattern the target accelerates.")
 @click.option("--prune-heads/--no-prune-heads", default=False, show_default=True,
               help="CPU targets: prune whole attention heads as well as FFN channels (measured: little speed "

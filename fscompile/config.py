@@ -34,7 +34,7 @@ class DistillConfig:
     train_embeddings: bool = False  # train the word-embedding table too (slower, overfits the shots)
     mixup: float = 0.0  # share of steps that add a KD loss on embedding-space mixtures
     evals: int = 5  # validation checks for early stopping (0 = keep the last step)
-    unlabeled: str | None = None  # optional file of raw in-domain text
+    unlabeled: str | None = None  # optional pool of raw text: a file, a directory or a Hub dataset
     ops: str = "mask,drop,swap,mix,crop,vocab"  # augmentations, cycled over the variants
     max_length: int = 128
 

@@ -106,7 +106,11 @@ def lexicon(task: TaskData, teacher: TextModel) -> Lexicon:
 
 
 def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig) -> TransferSet:
-    unlabeled = load_unlabeled(cfg.distill.unlabeled) if cfg.distill.unlabeled else None
+    unlabeled = None
+    if cfg.distill.unlabeled:
+        # more texts than the distillation steps can show is teacher time spent for nothing
+        unlabeled = load_unlabeled(cfg.distill.unlabeled, task.eval + task.shots,
+                                   cfg.distill.steps * cfg.distill.batch_size, cfg.seed)
     return _grow(task, teacher, cfg, cfg.distill.augment, cfg.seed, unlabeled)
 
 

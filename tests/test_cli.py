@@ -38,6 +38,7 @@ def test_compile_end_to_end_with_headless_teacher(tiny_headless, tmp_path):
     assert set(manifest["metrics"]) == {"teacher", "student", "artifact"}
     assert manifest["profile"]["artifact"]["batch8"]["p50_ms"] > 0
     assert "| artifact (ort-int8" in (out / "report.md").read_text()
+    assert "No `--unlabeled` text" in (out / "report.md").read_text()
     # same run again into the same directory: allowed (same fingerprint), not a different one
     assert run([str(tiny_headless), "--shots", "4", "--out", str(out), "--quiet", *FAST]).exit_code == 0
     r = run([str(tiny_headless), "--shots", "5", "--out", str(out), *FAST])
@@ -46,10 +47,17 @@ def test_compile_end_to_end_with_headless_teacher(tiny_headless, tmp_path):
 
 def test_compile_with_head_and_default_out(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = run([str(tiny_teacher), "--target", "ort-fp32", "--shots", "3", "--quiet", *FAST])
+    from fscompile.data.loaders import BUILTIN_DIR
+
+    # the task's own data directory as the unlabeled pool: its dev split (the evaluation) is left out,
+    # and no more texts than 4 steps of 4 can show are labelled by the teacher
+    r = run([str(tiny_teacher), "--target", "ort-fp32", "--shots", "3", "--quiet", "--unlabeled", str(BUILTIN_DIR), *FAST])
     assert r.exit_code == 0, r.output
     outs = list((tmp_path / "fscompile-out").iterdir())
     assert len(outs) == 1 and outs[0].name.endswith("ort-fp32-3shot-seed0")
+    manifest = json.loads((outs[0] / "manifest.json").read_text())
+    assert manifest["distillation"]["transfer_origin"]["unlabeled"] == 16
+    assert "No `--unlabeled` text" not in (outs[0] / "report.md").read_text()
 
 
 @pytest.mark.parametrize("args,code,message", [
@@ -57,6 +65,7 @@ def test_compile_with_head_and_default_out(tiny_teacher, tmp_path, monkeypatch):
     (["--shots", "0"], 2, "--shots must be >= 1"),
     (["--shots", "500"], 3, "fewer than --shots 500"),
     (["--data", "missing.tsv"], 3, "data file not found"),
+    (["--unlabeled", "missing.csv"], 3, "--unlabeled: data file not found"),
     (["--augment-ops", "mask,shuffle"], 2, "--augment-ops: unknown shuffle"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_teacher, tmp_path, args, code, message):

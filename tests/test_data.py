@@ -87,3 +87,56 @@ def test_labels_that_only_look_numeric_stay_strings():
 
     # "¹".isdigit() is True but int("¹") fails: found by the loader fuzz test
     assert _normalise_label("¹") == "¹" and _normalise_label(" 3 ") == 3 and _normalise_label("-2") == -2
+
+
+def test_unlabeled_pool_from_any_data_spec_never_holds_evaluation_rows(tmp_path):
+    from fscompile.data import load_unlabeled
+
+    rows = [json.dumps({"text": f"text number {i}", "label": i % 2}) for i in range(40)]
+    f = write(tmp_path / "all.jsonl", "\n".join(rows + rows[:5]))  # repeats are kept once
+    task = load_task_data(str(f), shots=3, seed=0)
+    # a one-split file as its own pool: the shots and the evaluation rows are all it holds
+    with pytest.raises(InputError, match="only the evaluation rows"):
+        load_unlabeled(str(f), task.eval + task.shots)
+    assert len(load_unlabeled(str(f), task.shots)) == 40 - len({e.text for e in task.shots})
+    d = tmp_path / "d"
+    d.mkdir()
+    write(d / "train.csv", "review,stars\n" + "".join(f"a long review number {i},{i % 5}\n" for i in range(30)))
+    write(d / "dev.csv", "review,stars\nheld out review,1\n")
+    pool = load_unlabeled(str(d), [load_task_data(str(d), shots=1).eval[0]])
+    assert len(pool) == 30 and "held out review" not in pool  # every split, by its text column
+    sample = load_unlabeled(str(d), limit=7, seed=3)
+    assert len(sample) == 7 and sample == load_unlabeled(str(d), limit=7, seed=3) != load_unlabeled(str(d), limit=7)
+    txt = write(tmp_path / "raw.txt", "one line\n\n  two line  \none line\n")
+    assert load_unlabeled(str(txt)) == ["one line", "two line"]
+
+
+@pytest.mark.parametrize("spec,message", [("missing.csv", "--unlabeled: data file not found"),
+                                          ("empty.txt", "no text")])
+def test_unlabeled_pool_errors(tmp_path, spec, message):
+    from fscompile.data import load_unlabeled
+
+    write(tmp_path / "empty.txt", "\n\n")
+    with pytest.raises(InputError, match=message):
+        load_unlabeled(str(tmp_path / spec))
+
+
+@pytest.mark.parametrize("spec,calls", [
+    ("imdb", [("imdb",)]),
+    ("glue/sst2", [("glue", "sst2"), ("glue/sst2",)]),
+    ("Salesforce/wikitext/wikitext-2-raw-v1", [("Salesforce/wikitext", "wikitext-2-raw-v1")]),
+])
+def test_hub_dataset_specs(monkeypatch, spec, calls):
+    # the Hub is out of reach here: record what would be asked of it, and the one-line error
+    import datasets
+
+    seen = []
+
+    def unreachable(*args, **kwargs):
+        seen.append(args)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(InputError, match=f"cannot load dataset '{spec}'.*offline"):
+        load_task_data(spec, shots=1)
+    assert seen == calls

@@ -59,6 +59,12 @@ def test_transfer_set_contents():
     ts = build_transfer_set(SHOTS, per_shot=3, seed=0, mask_token="[MASK]", unlabeled=["raw text"])
     assert len(ts) == 4 + 12 + 1 and ts.origin.count("shot") == 4 and ts.origin[-1] == "unlabeled"
     assert ts.texts[:4] == [s.text for s in SHOTS]
+    # raw text longer than the shots is cut to a contiguous window as long as the longest; shorter stays whole
+    long = " ".join(f"w{i}" for i in range(200))
+    ts = build_transfer_set(SHOTS, per_shot=0, seed=0, mask_token="[MASK]", unlabeled=[long] * 20 + ["a b"])
+    cut = ts.texts[len(SHOTS):-1]
+    assert {len(t.split()) for t in cut} == {6} and all(f" {t} " in f" {long} " for t in cut)
+    assert len(set(cut)) > 1 and ts.texts[-1] == "a b"  # windows start at random places
 
 
 def test_parse_layers():

@@ -1,13 +1,14 @@
 """Task data: splits, column detection, labels and the seeded few-shot sampler."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from .loaders import Rows, load_splits, read_table
+from .loaders import Rows, load_splits
 
 LABEL_COLUMNS = ("label", "labels", "class", "target", "category", "y")
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "description", "comment",
@@ -194,27 +195,39 @@ def load_task_data(spec: str | None, shots: int, seed: int = 0, *, text_column: 
                     source=info["source"], columns=columns, info=info)
 
 
-def load_unlabeled(path: str) -> list[str]:
-    """Raw in-domain text: a .txt file (one text per line) or a table with a text column."""
+def load_unlabeled(spec: str, exclude: Iterable[Example] = (), limit: int | None = None, seed: int = 0) -> list[str]:
+    """Raw text for the transfer set, labels ignored: a .txt file (one text per line), or
+    anything ``--data`` accepts (a table, a directory of splits, a Hub dataset such as
+    ``imdb`` or ``Salesforce/wikitext/wikitext-2-raw-v1``), every split, from its text column. Out-of-domain
+    text helps too: the teacher labels whatever it is shown. Texts of ``exclude`` (the evaluation
+    rows and shots) and repeats are dropped, so the task's own data can serve as the pool without
+    leaking the evaluation set; at most ``limit`` texts are kept (a seeded sample)."""
     from pathlib import Path
 
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--unlabeled file not found: {path}")
-    if p.suffix.lower() == ".txt":
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".txt" and p.is_file():
         try:
-            lines = p.read_text(encoding="utf-8").splitlines()
+            texts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
         except UnicodeDecodeError:
-            raise InputError(f"{path} is not UTF-8 text") from None
-        texts = [ln.strip() for ln in lines if ln.strip()]
+            raise InputError(f"--unlabeled {spec} is not UTF-8 text") from None
     else:
-        rows = read_table(p)
-        col = next((c for c in TEXT_COLUMNS if c in rows[0]), None) or _guess_text(rows, list(rows[0]), "")
-        if col is None:
-            raise InputError(f"no text column in {path}")
-        texts = [str(r[col]).strip() for r in rows if str(r.get(col, "")).strip()]
+        try:
+            splits, _ = load_splits(spec)
+        except InputError as e:
+            raise InputError(f"--unlabeled: {e}") from None
+        texts = []
+        for rows in splits.values():
+            if not rows:
+                continue
+            col = next((c for c in TEXT_COLUMNS if c in rows[0]), None) or _guess_text(rows, list(rows[0]), "")
+            texts += [str(r.get(col) or "").strip() for r in rows] if col else []
+    held = {t for e in exclude for t in (e.text, e.text_pair) if t}
+    texts = [t for t in dict.fromkeys(texts) if t and t not in held]
     if not texts:
-        raise InputError(f"--unlabeled file has no text: {path}")
+        raise InputError(f"--unlabeled {spec}: no text (or only the evaluation rows' and shots' texts)")
+    if limit is not None and len(texts) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(texts), limit, replace=False))
+        texts = [texts[i] for i in keep]
     return texts
 
 

@@ -138,17 +138,29 @@ def _looks_like_header(fields: list[str]) -> bool:
 
 
 def _load_hub(spec: str) -> tuple[dict[str, Rows], dict[str, Any]]:
-    """Load a Hugging Face dataset: ``name`` or ``name/config`` (``glue/sst2``)."""
+    """Load a Hugging Face dataset: ``name``, ``name/config`` (``glue/sst2``), ``owner/name``
+    (``stanfordnlp/imdb``) or ``owner/name/config`` (``Salesforce/wikitext/wikitext-2-raw-v1``)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - a dependency
         raise InputError("the 'datasets' package is needed for Hub datasets") from None
-    name, _, subset = spec.partition("/")
-    args = (name, subset) if subset and "/" not in subset else (spec,)
-    try:
-        ds = datasets.load_dataset(*args)
-    except Exception as e:  # datasets raises many types for "not found / offline"
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    parts = spec.split("/")
+    # two parts are either a dataset and its config or a repository id: try them in that order
+    if len(parts) == 2:
+        attempts = [tuple(parts), (spec,)]
+    elif len(parts) == 3:
+        attempts = [("/".join(parts[:2]), parts[2])]
+    else:
+        attempts = [(spec,)]
+    first: Exception | None = None
+    for args in attempts:
+        try:
+            ds = datasets.load_dataset(*args)
+            break
+        except Exception as e:  # datasets raises many types for "not found / offline"
+            first = first or e
+    else:
+        msg = str(first).splitlines()[0] if str(first) else type(first).__name__
         raise InputError(f"cannot load dataset {spec!r} (not a local path, and the Hugging Face Hub "
                          f"failed: {msg[:200]})") from None
     splits: dict[str, Rows] = {}
