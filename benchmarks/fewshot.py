@@ -43,6 +43,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--unlabeled-file", action="append", default=[],
                    help="also run with this text file as the unlabeled pool (e.g. out-of-domain text); repeatable")
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--pools-only", action="store_true", help="only the --unlabeled/--unlabeled-file rows")
     p.add_argument("--lr", type=float, default=None, help="fscompile's --lr (rows are labelled with it)")
     p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
     p.add_argument("--prune-heads", action="store_true", help="prune attention heads as well as FFN channels")
@@ -210,7 +211,7 @@ def main() -> None:
                 for layers in args.layers.split(","):
                     keep: list[int] | None = None
                     tag = (f" ops={args.ops}" if args.ops else "") + (f" lr={args.lr:g}" if args.lr else "")
-                    variants = [("fscompile" + tag, None)]
+                    variants = [] if args.pools_only else [("fscompile" + tag, None)]
                     if args.unlabeled:
                         variants.append((f"fscompile+{args.unlabeled} unlabeled" + tag,
                                          unlabeled_file(args.data, task, args.unlabeled, seed, work)))

@@ -101,6 +101,24 @@ def test_no_answer_threshold_is_tuned_against_the_teacher():
     assert tune_threshold([("x", -3.0)], [""])[0] < -3.0
 
 
+def test_span_kd_teaches_spans_where_the_teacher_abstains():
+    import torch
+
+    from fscompile.tasks.qa import _span_kd
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    teacher = torch.tensor([[[9.0, 9.0], [0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 0.0], [5.0, 5.0]]])
+    assert _span_kd(teacher, teacher, mask, 2.0).abs() < 1e-6
+    # as sure of [CLS] as the teacher, but its span in the wrong place (and padding ignored)
+    student = teacher.clone()
+    student[0, 1:5] = torch.tensor([[3.0, 3.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    student[0, 5] = -5.0
+    # the KL over all tokens alone hardly sees it, since the teacher's mass sits on [CLS]
+    t, st = teacher[:, :5] / 2, student[:, :5] / 2
+    full = torch.nn.functional.kl_div(st.log_softmax(1), t.log_softmax(1), log_target=True, reduction="batchmean") * 2
+    assert _span_kd(student, teacher, mask, 2.0) > 5 * full > 0
+
+
 def test_long_context_is_read_in_overlapping_windows(tiny_qa):
     from fscompile.data.qa import QAExample
     from fscompile.models.qa import load_qa_teacher

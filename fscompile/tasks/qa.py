@@ -202,12 +202,20 @@ def torch_qa_runner(model: QAModel):
 
 
 def _span_kd(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) of the start and of the end distributions over real tokens."""
-    neg = torch.finfo(s.dtype).min / 2
-    m = mask.unsqueeze(-1).bool()
-    s, t = s.masked_fill(~m, neg) / temperature, t.masked_fill(~m, neg) / temperature
-    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
-    return kl * temperature ** 2 / 2
+    """KL(teacher || student) of the start and of the end distributions over real tokens, plus the
+    same over the answer positions alone ([CLS] left out, both renormalised): where the teacher
+    abstains it puts nearly all its mass on [CLS], and the full KL alone then barely says where
+    its answer would lie, so a student learns to abstain before it learns spans."""
+    spans = mask.clone()
+    spans[:, 0] = 0
+    total = s.new_zeros(())
+    for keep in (mask, spans):
+        m = keep.unsqueeze(-1).bool()
+        neg = torch.finfo(s.dtype).min / 2
+        ls = F.log_softmax(s.masked_fill(~m, neg) / temperature, 1)
+        lt = F.log_softmax(t.masked_fill(~m, neg) / temperature, 1)
+        total = total + F.kl_div(ls, lt, log_target=True, reduction="batchmean")
+    return total * temperature ** 2 / 2
 
 
 def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list[str], keep: list[int],
