@@ -98,7 +98,7 @@ def _fail(e: BaseException, debug: bool) -> None:
               "(loaded with weights_only=True).")
 @click.option("--image-size", type=int, help="Image tasks: input side in pixels [default: the teacher's, else the data's].")
 @click.option("--steps", default=1000, show_default=True, type=int, help="Distillation steps.")
-@click.option("--lr", type=float, help="Learning rate (AdamW) [default: 5e-5 text, 1e-3 image students].")
+@click.option("--lr", type=float, help="Learning rate (AdamW) [default: 5e-5 text, 2e-4 text with --unlabeled, 1e-3 image students].")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Distillation batch size.")
 @click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature.")
 @click.option("--augment", default=100, show_default=True, type=int, help="Augmented variants per shot in the transfer set.")

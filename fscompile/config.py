@@ -24,7 +24,7 @@ class DistillConfig:
     """Few-shot distillation hyper-parameters."""
 
     steps: int = 1000
-    lr: float | None = None  # None = the task's default (5e-5 text, 1e-3 image students from scratch)
+    lr: float | None = None  # None = the task's default (5e-5 text, 2e-4 with unlabeled text, 1e-3 image students)
     batch_size: int = 16
     temperature: float = 2.0
     augment: int = 100  # augmented variants per shot in the transfer set

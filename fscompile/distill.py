@@ -22,6 +22,7 @@ from .data.batching import length_sorted_batches, pad_batch
 from .models.text import TextModel
 
 TEXT_LR = 5e-5  # the experiment plan's rate: the student starts from the teacher's own layers
+POOL_LR = 2e-4  # with --unlabeled text: measured 1.6-2.2 points better on SST-2 than 5e-5 (README)
 
 
 @dataclass
@@ -58,10 +59,19 @@ class BestCheckpoint:
         return self.state is not None
 
 
+def text_lr(cfg: DistillConfig) -> float:
+    """--lr, else 5e-5 on a transfer set grown from the shots alone, 2e-4 with --unlabeled text:
+    many real inputs let the student move further from the teacher's layers without fitting the
+    shots, where on augmented shots alone the higher rate gained nothing."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return POOL_LR if cfg.unlabeled else TEXT_LR
+
+
 def text_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> tuple[Any, Any]:
     """AdamW (weight decay 0.01) with a linear warm-up over the first 10% of steps, then linear
     decay: the schedule of every transformer student (classification, QA, generation)."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else TEXT_LR, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=text_lr(cfg), weight_decay=0.01)
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))

@@ -187,3 +187,12 @@ def test_select_layers_by_measured_effect(tiny_teacher):
     keep, trace = select_layers(teacher, 2, probe)
     assert len(keep) == 2 and 1 in keep and len(trace) == 2
     assert all(t["dropped"] != 1 for t in trace)
+
+
+def test_learning_rate_default_rises_with_unlabeled_text():
+    from fscompile.config import DistillConfig
+    from fscompile.distill import text_lr
+
+    assert text_lr(DistillConfig()) == 5e-5
+    assert text_lr(DistillConfig(unlabeled="pool.txt")) == 2e-4
+    assert text_lr(DistillConfig(unlabeled="pool.txt", lr=1e-5)) == 1e-5  # an explicit --lr wins
