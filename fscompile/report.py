@@ -100,7 +100,9 @@ def render_markdown(m: dict[str, Any]) -> str:
     lines += [
         "",
         f"- Student: teacher layers {m['student']['layers_kept']} kept; "
-        f"{m['distillation']['steps']} distillation steps on {m['distillation']['transfer_size']} transfer "
+        f"{m['distillation']['steps']} distillation steps"
+        + (f" (peak lr {m['distillation']['lr']:g})" if m["distillation"].get("lr") else "")
+        + f" on {m['distillation']['transfer_size']} transfer "
         f"examples ({', '.join(f'{k}: {v}' for k, v in m['distillation']['transfer_origin'].items())}).",
         f"- Artifact keeps {m['metrics']['artifact']['accuracy'] / t_acc:.1%} of the teacher's {metric_names(m)[0]}."
         if t_acc else "- Teacher accuracy is 0.",

@@ -39,6 +39,7 @@ def test_compile_end_to_end_with_headless_teacher(tiny_headless, tmp_path):
     assert manifest["profile"]["artifact"]["batch8"]["p50_ms"] > 0
     assert "| artifact (ort-int8" in (out / "report.md").read_text()
     assert "No `--unlabeled` text" in (out / "report.md").read_text()
+    assert manifest["distillation"]["lr"] == 5e-5 and "(peak lr 5e-05)" in (out / "report.md").read_text()
     # same run again into the same directory: allowed (same fingerprint), not a different one
     assert run([str(tiny_headless), "--shots", "4", "--out", str(out), "--quiet", *FAST]).exit_code == 0
     r = run([str(tiny_headless), "--shots", "5", "--out", str(out), *FAST])
@@ -57,6 +58,7 @@ def test_compile_with_head_and_default_out(tiny_teacher, tmp_path, monkeypatch):
     assert len(outs) == 1 and outs[0].name.endswith("ort-fp32-3shot-seed0")
     manifest = json.loads((outs[0] / "manifest.json").read_text())
     assert manifest["distillation"]["transfer_origin"]["unlabeled"] == 16
+    assert manifest["distillation"]["lr"] == 2e-4  # the default with unlabeled text
     assert "No `--unlabeled` text" not in (outs[0] / "report.md").read_text()
 
 

@@ -31,6 +31,7 @@ from ..distill import (
     hidden_loss,
     layer_map,
     set_seed,
+    text_lr,
     text_optimizer,
     update,
     use_bf16,
@@ -166,7 +167,7 @@ def distill_lm(teacher: LMModel, student: LMModel, transfer: TokenTransfer, keep
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(transfer), seconds=time.perf_counter() - start_t,
                         final_loss=ema, losses={k: v / cfg.steps for k, v in totals.items()}, layer_map=pairs,
-                        best_step=best.step, validation=best.curve)
+                        best_step=best.step, validation=best.curve, lr=text_lr(cfg))
 
 
 def _batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:

@@ -39,6 +39,7 @@ from ..distill import (
     hidden_loss,
     layer_map,
     set_seed,
+    text_lr,
     text_optimizer,
     update,
     use_bf16,
@@ -281,7 +282,7 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(texts), seconds=time.perf_counter() - start_t,
                         final_loss=ema, losses={k: v_ / cfg.steps for k, v_ in totals.items()}, layer_map=pairs_map,
-                        best_step=best.step, validation=best.curve)
+                        best_step=best.step, validation=best.curve, lr=text_lr(cfg))
 
 
 def as_examples(task: QATaskData) -> list[Example]:

@@ -191,7 +191,8 @@ def distill_images(teacher: ImageModel, student: ImageModel, task: ImageTaskData
         recalibrate_batchnorm(student, bn_views)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(shots), seconds=time.perf_counter() - start,
-                        final_loss=ema, losses={"kd": total / cfg.steps}, best_step=best.step, validation=best.curve)
+                        final_loss=ema, losses={"kd": total / cfg.steps}, best_step=best.step, validation=best.curve,
+                        lr=lr)
 
 
 def image_calibration_set(student: ImageModel, task: ImageTaskData, cfg: CompileConfig,
