@@ -209,10 +209,9 @@ def _span_kd(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperature: 
     its answer would lie, so a student learns to abstain before it learns spans."""
     spans = mask.clone()
     spans[:, 0] = 0
-    total = s.new_zeros(())
+    total, neg = s.new_zeros(()), torch.finfo(s.dtype).min / 2
     for keep in (mask, spans):
         m = keep.unsqueeze(-1).bool()
-        neg = torch.finfo(s.dtype).min / 2
         ls = F.log_softmax(s.masked_fill(~m, neg) / temperature, 1)
         lt = F.log_softmax(t.masked_fill(~m, neg) / temperature, 1)
         total = total + F.kl_div(ls, lt, log_target=True, reduction="batchmean")
