@@ -9,9 +9,9 @@ them movie reviews, 5,000 texts at most, shuffled with seed 0; labels and questi
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import random
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,14 +30,15 @@ def main() -> None:
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--out", default=str(REPO / "bench-out/pools"))
     args = p.parse_args()
+    sys.path.insert(0, str(REPO))
+    from fscompile.data.loaders import read_table
+
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
-    with open(data / "ag_news/train_subset_8000.csv", encoding="utf-8") as f:
-        # AG News marks line breaks with a backslash
-        write([r["content"].replace("\\", " ").strip() for r in csv.DictReader(f)], out / "agnews.txt", args.n)
-    with open(data / "glue_qnli/dev.tsv", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    write(sorted({r[2].strip() for r in rows}), out / "wiki.txt", args.n)
+    # AG News marks line breaks with a backslash
+    news = [r["content"].replace("\\", " ").strip() for r in read_table(data / "ag_news/train_subset_8000.csv")]
+    write(news, out / "agnews.txt", args.n)
+    write(sorted({r["sentence"].strip() for r in read_table(data / "glue_qnli/dev.tsv")}), out / "wiki.txt", args.n)
 
 
 if __name__ == "__main__":
