@@ -161,8 +161,8 @@ def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
     from fscompile.models.text import load_torch
 
     out = tmp_path / "out"
-    m = fscompile.compile(str(tiny_qa), data=str(squad_file), shots=2, steps=8, augment=3, student_layers="0,2",
-                          profile_seconds=0.02, out=out, unlabeled=str(squad_file))
+    m = fscompile.compile(str(tiny_qa), data=str(squad_file), shots=2, steps=8, batch_size=2, augment=3,
+                          student_layers="0,2", profile_seconds=0.02, out=out, unlabeled=str(squad_file))
     assert m["task"] == "question-answering" and m["student"]["layers_kept"] == [0, 2]
     # the data file doubles as the unlabeled pool: every question but those on evaluation contexts
     from fscompile.data.qa import load_qa_task, load_unlabeled_qa
@@ -170,8 +170,9 @@ def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
     task = load_qa_task(str(squad_file), shots=2, seed=0)
     pool = load_unlabeled_qa(str(squad_file), task.eval)
     assert len(pool) == 48 - len(task.eval) > 0
-    # a quarter of the pool is held out for early stopping, the rest joins the transfer set
-    assert m["distillation"]["transfer_origin"]["unlabeled"] == len(pool) - len(pool) // 4
+    # a quarter of the pool is held out for early stopping; of the rest, the steps x batch (16) that training can show
+    assert len(pool) - len(pool) // 4 > 16
+    assert m["distillation"]["transfer_origin"]["unlabeled"] == 16
     assert not {c for _, c in pool} & {e.context for e in task.eval}
     for who in ("teacher", "student", "artifact"):
         assert {"exact_match", "f1", "agreement"} <= set(m["metrics"][who])

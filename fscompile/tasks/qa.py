@@ -332,15 +332,16 @@ class QuestionAnsweringTask:
             ops = tuple(o for o in cfg.distill.ops.split(",") if o != "near")
             from ..augment import Lexicon
 
-            transfer = build_transfer_set(as_examples(task), cfg.distill.augment, cfg.seed, mask, None, ops,
-                                          Lexicon(vocabulary_words(teacher.tokenizer)))
+            lexicon = Lexicon(vocabulary_words(teacher.tokenizer))  # for the transfer and validation variants
+            transfer = build_transfer_set(as_examples(task), cfg.distill.augment, cfg.seed, mask, None, ops, lexicon)
             held: list[tuple[str, str]] = []
             if cfg.distill.unlabeled:  # real questions on real contexts: what augmenting 20 shots cannot make
                 pool = load_unlabeled_qa(cfg.distill.unlabeled, task.eval)
                 order = np.random.default_rng(cfg.seed + 7919).permutation(len(pool)).tolist()
                 # a quarter (at most 256) held out: early stopping then scores new contexts, not the shots'
                 held = [pool[i] for i in order[:min(256, len(pool) // 4)]]
-                for i in order[len(held):]:
+                # at most steps x batch questions train: more is teacher time the distillation cannot show
+                for i in order[len(held):len(held) + cfg.distill.steps * cfg.distill.batch_size]:
                     transfer.texts.append(pool[i][0])
                     transfer.pairs.append(pool[i][1])
                     transfer.origin.append("unlabeled")
@@ -360,7 +361,7 @@ class QuestionAnsweringTask:
                     validation = ([q for q, _ in held], [c for _, c in held])
                 elif cfg.distill.evals:  # no pool: augmented variants of the shots, drawn apart from the transfer set
                     val = build_transfer_set(as_examples(task), max(1, 256 // len(task.shots)), cfg.seed + 7919, mask,
-                                             None, ops, Lexicon(vocabulary_words(teacher.tokenizer)))
+                                             None, ops, lexicon)
                     k = len(task.shots)
                     validation = (val.texts[k:], val.pairs[k:]) if val.pairs else None
                 validation = validation if cfg.distill.evals else None
