@@ -1,6 +1,6 @@
 """Few-shot distillation benchmark (issue 3): how much of the teacher a compiled INT8 student keeps.
 
-    python benchmarks/fewshot.py --shots 5,10,20 --seeds 5 --layers 3,2 --out bench-out/fewshot
+    python benchmarks/fewshot.py --shots 5,10,20 --seeds 5 --layers every-other,2 --out bench-out/fewshot
 
 (artifacts with 4-bit word embeddings by default: --embedding-bits 8 for the faster, larger variant)
 
@@ -38,7 +38,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", default=str(SHARED / "data/glue_sst2"))
     p.add_argument("--shots", default="5,10,20", help="shots per class, comma-separated")
     p.add_argument("--seeds", type=int, default=5, help="shot draws per shot count (seeds 0..N-1)")
-    p.add_argument("--layers", default="3,2", help="student layer counts, comma-separated")
+    p.add_argument("--layers", default="every-other,2",
+                   help="students, comma-separated: every-other (fscompile's default) or a count of layers chosen "
+                        "by measured effect")
     p.add_argument("--unlabeled", type=int, default=0, help="also run with N unlabeled train sentences")
     p.add_argument("--unlabeled-file", action="append", default=[],
                    help="also run with this text file as the unlabeled pool (e.g. out-of-domain text); repeatable")

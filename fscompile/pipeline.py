@@ -129,6 +129,24 @@ def choose_layers(teacher: TextModel, transfer: TransferSet, cfg: CompileConfig,
     return select_layers(teacher, plan, probe)
 
 
+def hold_out_unlabeled(transfer: TransferSet, seed: int, size: int = 256) -> tuple[TransferSet, TransferSet | None]:
+    """With --unlabeled text, a quarter of it (at most ``size`` texts) set apart for early
+    stopping, as the QA task does with its question pool: agreement on fresh variants of the
+    shots saturates near 98% and says little about real inputs; held-out real text does.
+    Returns (the transfer set without them, the held-out texts or None)."""
+    pool = [i for i, o in enumerate(transfer.origin) if o == "unlabeled"]
+    k = min(size, len(pool) // 4)
+    if not k:
+        return transfer, None
+    held = set(np.random.default_rng(seed + 7919).choice(pool, k, replace=False).tolist())
+
+    def take(idx: list[int]) -> TransferSet:
+        pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
+        return TransferSet([transfer.texts[i] for i in idx], pairs, [transfer.origin[i] for i in idx])
+
+    return (take([i for i in range(len(transfer)) if i not in held]), take(sorted(held)))
+
+
 def validation_set(task: TaskData, teacher: TextModel, cfg: CompileConfig, size: int = 256) -> TransferSet:
     """Fresh variants of the shots (another seed, never trained on) for early stopping."""
     ts = _grow(task, teacher, cfg, max(1, -(-size // len(task.shots))), cfg.seed + 7919)
@@ -177,7 +195,7 @@ def text_distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Pr
         adaptation = adapt(teacher, task, cfg)
     unpruned = None
     with timed(timings, "derive student", progress):
-        transfer = transfer_set(task, teacher, cfg)
+        transfer, held = hold_out_unlabeled(transfer_set(task, teacher, cfg), cfg.seed, 256 if cfg.distill.evals else 0)
         keep, selection = choose_layers(teacher, transfer, cfg)
         student, keep = derive_student(teacher, keep)
         student.info["layer_selection"] = selection
@@ -191,7 +209,7 @@ def text_distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Pr
     with timed(timings, "distill", progress):
         student, stats = resume_or_distill(ckpt, student, progress, lambda: distill(
             teacher, student, transfer, keep, cfg.distill, cfg.seed,
-            validation=validation_set(task, teacher, cfg) if cfg.distill.evals else None,
+            validation=(held or validation_set(task, teacher, cfg)) if cfg.distill.evals else None,
             progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}")))
     return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt,
                      "text-classification")

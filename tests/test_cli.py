@@ -51,13 +51,14 @@ def test_compile_with_head_and_default_out(tiny_teacher, tmp_path, monkeypatch):
     from fscompile.data.loaders import BUILTIN_DIR
 
     # the task's own data directory as the unlabeled pool: its dev split (the evaluation) is left out,
-    # and no more texts than 4 steps of 4 can show are labelled by the teacher
+    # no more texts than 4 steps of 4 can show are labelled by the teacher, and a quarter of those is
+    # held out for early stopping
     r = run([str(tiny_teacher), "--target", "ort-fp32", "--shots", "3", "--quiet", "--unlabeled", str(BUILTIN_DIR), *FAST])
     assert r.exit_code == 0, r.output
     outs = list((tmp_path / "fscompile-out").iterdir())
     assert len(outs) == 1 and outs[0].name.endswith("ort-fp32-3shot-seed0")
     manifest = json.loads((outs[0] / "manifest.json").read_text())
-    assert manifest["distillation"]["transfer_origin"]["unlabeled"] == 16
+    assert manifest["distillation"]["transfer_origin"]["unlabeled"] == 12
     assert manifest["distillation"]["lr"] == 2e-4  # the default with unlabeled text
     assert "No `--unlabeled` text" not in (outs[0] / "report.md").read_text()
 

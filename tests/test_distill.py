@@ -67,6 +67,29 @@ def test_transfer_set_contents():
     assert len(set(cut)) > 1 and ts.texts[-1] == "a b"  # windows start at random places
 
 
+def test_unlabeled_hold_out_for_early_stopping():
+    from fscompile.augment import TransferSet
+    from fscompile.pipeline import hold_out_unlabeled
+
+    pool = [f"raw text {i}" for i in range(40)]
+    ts = build_transfer_set(SHOTS, per_shot=2, seed=0, mask_token="[MASK]", unlabeled=pool)
+    train, held = hold_out_unlabeled(ts, seed=0)
+    # a quarter of the pool, never a shot or a variant, and never trained on
+    assert len(held) == 10 and set(held.origin) == {"unlabeled"} and held.pairs is None
+    assert len(train) == len(ts) - 10 and not set(train.texts) & set(held.texts)
+    assert sorted(train.texts + held.texts) == sorted(ts.texts) and train.origin.count("shot") == 4
+    assert hold_out_unlabeled(ts, seed=0)[1].texts == held.texts  # seeded
+    assert len(hold_out_unlabeled(ts, seed=0, size=6)[1]) == 6
+    assert hold_out_unlabeled(ts, seed=0, size=0) == (ts, None)
+    shots_only = build_transfer_set(SHOTS, per_shot=2, seed=0, mask_token="[MASK]")
+    assert hold_out_unlabeled(shots_only, seed=0) == (shots_only, None)
+    # pairs stay aligned with their texts
+    paired = TransferSet(["a", "b", "c", "d", "e"], ["A", "B", "C", "D", "E"], ["shot"] + ["unlabeled"] * 4)
+    train, held = hold_out_unlabeled(paired, seed=1)
+    assert len(held) == 1 and held.pairs == [held.texts[0].upper()]
+    assert [t.upper() for t in train.texts] == train.pairs
+
+
 def test_parse_layers():
     assert parse_layers("every-other", 6) == [1, 3, 5]
     assert parse_layers(None, 6) == [1, 3, 5]
