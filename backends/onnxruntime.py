@@ -92,6 +92,41 @@ def dynamic_int8(src: Path, dst: Path, *, fused: bool, reduce_range: bool = Fals
     return dst
 
 
+def embedding_block_size(width: int, block_size: int = 128) -> int:
+    """Blocks are powers of two from 16; tables narrower than ``block_size`` get smaller ones."""
+    while block_size > 16 and block_size > width:
+        block_size //= 2
+    return block_size
+
+
+def fake_quantize_embeddings(student: Any, bits: int = 4, block_size: int = 128) -> dict[str, Any] | None:
+    """Round the student's word-embedding table to the values the artifact will hold: the
+    largest embedding table (the one ``quantize_embeddings`` takes), through ORT's own block
+    quantizer math, dequantized in place. Distillation then trains the layers around the
+    table that ships (it stays frozen there), and ORT re-quantizes it to the same values.
+    Measured on one SST-2 draw: 4-bit rounding the student never saw cost it 1.0 point.
+    None (nothing done) for other bit widths, or a table tied to an output layer (LMs)."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    tables = [m for m in student.module.modules() if isinstance(m, torch.nn.Embedding)]
+    if bits != 4 or not tables:
+        return None
+    table = max(tables, key=lambda m: m.weight.numel())
+    if any(m.weight is table.weight for m in student.module.modules() if isinstance(m, torch.nn.Linear)):
+        return None
+    w = table.weight.detach().cpu().numpy().astype(np.float32)
+    rows, width = w.shape
+    bs = embedding_block_size(width, block_size)
+    out = np.empty_like(w)
+    for i in range(0, width, bs):  # blocks along the hidden axis, as quantize_embeddings (Gather axis 1)
+        q, scale, zero = DefaultWeightOnlyQuantizer.quant_slice_asymmetric(w[:, i:i + bs, None])
+        out[:, i:i + bs] = ((q.astype(np.float32) - zero.astype(np.float32)) * scale)[:, :, 0]
+    with torch.no_grad():
+        table.weight.copy_(torch.from_numpy(out))
+    return {"bits": bits, "block_size": bs, "rows": rows}
+
+
 def quantize_embeddings(src: Path, dst: Path, bits: int = 4, block_size: int = 128) -> Path:
     """The word-embedding table (the largest Gather'd initializer) block-quantized to ``bits``
     with ORT's weight-only quantizer (``GatherBlockQuantized``: rows dequantized on lookup, so
@@ -108,9 +143,7 @@ def quantize_embeddings(src: Path, dst: Path, bits: int = 4, block_size: int = 1
     if not gathers:
         raise StageError("no embedding lookup (Gather on a weight) found to quantize")
     table = max(gathers, key=lambda n: int(np.prod(dims[n.input[0]])))
-    width = dims[table.input[0]][1]
-    while block_size > 16 and block_size > width:  # blocks are powers of two from 16; small models get small ones
-        block_size //= 2
+    block_size = embedding_block_size(dims[table.input[0]][1], block_size)
     axes = (("Gather", 1),)  # blocks run along the hidden axis: one row = one token's vector
     algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
                                         op_types_to_quantize=("Gather",), quant_axes=axes)
@@ -140,9 +173,14 @@ class _OrtBackend(Backend):
             return False, "onnxruntime has no CPU execution provider"
         return True, ""
 
+    quantizes_embeddings = True  # INT8 builds store the word-embedding table at recipe.embedding_bits
+
     def prepare(self, student: TextModel, recipe: Recipe) -> TextModel:
-        """CPU runtimes gain nothing from scattered zeros: prune whole heads and FFN channels."""
+        """CPU runtimes gain nothing from scattered zeros: prune whole heads and FFN channels.
+        A low-bit embedding table goes in now too, so distillation sees what ships."""
         student.info["prepare"] = student.prune(recipe.prune, heads=recipe.prune_heads)
+        if self.quantizes_embeddings and recipe.embedding_bits < 8:
+            student.info["prepare"]["embedding_table"] = fake_quantize_embeddings(student, recipe.embedding_bits)
         return student
 
     def load(self, artifact: Artifact) -> OrtRunner:
@@ -187,6 +225,7 @@ class OrtFp32Backend(_OrtBackend):
     """ONNX Runtime fp32 with fused attention: the float baseline of every CPU deployment."""
 
     name = "ort-fp32"
+    quantizes_embeddings = False
     precisions = ("fp32",)
     description = "ONNX Runtime, fp32, attention fused by ORT's transformer optimizer"
 

@@ -45,6 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--unlabeled-file", action="append", default=[],
                    help="also run with this text file as the unlabeled pool (e.g. out-of-domain text); repeatable")
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=None, help="fscompile's --batch-size (rows are labelled with it)")
     p.add_argument("--pools-only", action="store_true", help="only the --unlabeled/--unlabeled-file rows")
     p.add_argument("--lr", type=float, default=None, help="fscompile's --lr (rows are labelled with it)")
     p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
@@ -212,7 +213,9 @@ def main() -> None:
                     record({**base, "method": "(d) teacher INT8", "layers": "-", **teacher_int8(teacher, task, work)})
                 for layers in args.layers.split(","):
                     keep: list[int] | None = None
-                    tag = (f" ops={args.ops}" if args.ops else "") + (f" lr={args.lr:g}" if args.lr else "")
+                    tag = ((f" ops={args.ops}" if args.ops else "") + (f" lr={args.lr:g}" if args.lr else "")
+                           + (f" steps={args.steps}" if args.steps != 1000 else "")
+                           + (f" batch={args.batch_size}" if args.batch_size else ""))
                     variants = [] if args.pools_only else [("fscompile" + tag, None)]
                     if args.unlabeled:
                         variants.append((f"fscompile+{args.unlabeled} unlabeled" + tag,
@@ -228,6 +231,7 @@ def main() -> None:
                                               student_layers=layers, steps=args.steps, unlabeled=unl,
                                               embedding_bits=args.embedding_bits, prune_heads=args.prune_heads,
                                               **({"lr": args.lr} if args.lr else {}),
+                                              **({"batch_size": args.batch_size} if args.batch_size else {}),
                                               **({"ops": args.ops} if args.ops else {}),
                                               max_eval=args.max_eval, out=work / "run", force=True)
                         record({**base, "method": method, "layers": layers,
@@ -237,6 +241,7 @@ def main() -> None:
                                 "size_mb": m["size_mb"]["artifact"], "variant": m["artifact"].get("variant"),
                                 "compression": m["compression"]["size_ratio_vs_teacher"],
                                 "compile_s": time.perf_counter() - t, "timings": m["timings_s"],
+                                "teacher_s": m["distillation"].get("teacher_seconds"),
                                 "layers_kept": m["student"]["layers_kept"], "prepare": m["student"]["prepare"],
                                 "b1_ms": m["profile"]["artifact"]["batch1"]["p50_ms"],
                                 "unpruned_b1_ms": m["verification"]["checks"].get("pruning_pays", {}).get("unpruned_ms")})

@@ -100,6 +100,9 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--steps", default=1000, show_default=True, type=int, help="Distillation steps.")
 @click.option("--lr", type=float, help="Learning rate (AdamW) [default: 5e-5 text, 2e-4 text with --unlabeled, 1e-3 image students].")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Distillation batch size.")
+@click.option("--dropout/--no-dropout", default=False, show_default=True,
+              help="Text classification: keep the student's dropout while distilling (off: the teacher's soft "
+              "targets on many inputs regularise enough, and steps run ~10% faster).")
 @click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature.")
 @click.option("--augment", default=100, show_default=True, type=int, help="Augmented variants per shot in the transfer set.")
 @click.option("--augment-ops", "ops", default=DistillConfig.ops, show_default=True,
@@ -148,7 +151,7 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
     try:
         from .config import CompileConfig
 
-        dist_keys = ("steps", "lr", "batch_size", "temperature", "augment", "ops", "unlabeled", "max_length")
+        dist_keys = ("steps", "lr", "batch_size", "dropout", "temperature", "augment", "ops", "unlabeled", "max_length")
         try:
             dist = DistillConfig(**{k: opts.pop(k) for k in dist_keys})
             cfg = CompileConfig(teacher=teacher, distill=dist, **opts)

@@ -32,6 +32,7 @@ class DistillConfig:
     attention_weight: float = 0.0  # weight of attention-distribution matching (off: no gain measured)
     bf16: str = "auto"  # bf16 autocast while training: auto (where the CPU has bf16 units), on, off
     train_embeddings: bool = False  # train the word-embedding table too (slower, overfits the shots)
+    dropout: bool = False  # the student's dropout while distilling text classifiers
     mixup: float = 0.0  # share of steps that add a KD loss on embedding-space mixtures
     evals: int = 5  # validation checks for early stopping (0 = keep the last step)
     unlabeled: str | None = None  # optional pool of raw text: a file, a directory or a Hub dataset

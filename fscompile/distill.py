@@ -37,6 +37,7 @@ class DistillStats:
     validation: list[dict[str, float]] = field(default_factory=list)
     resumed_from: str | None = None
     lr: float | None = None  # the peak learning rate used (--lr or the task's default)
+    teacher_seconds: float | None = None  # of ``seconds``, the teacher labelling the transfer set
 
 
 class BestCheckpoint:
@@ -72,7 +73,8 @@ def text_lr(cfg: DistillConfig) -> float:
 def text_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> tuple[Any, Any]:
     """AdamW (weight decay 0.01) with a linear warm-up over the first 10% of steps, then linear
     decay: the schedule of every transformer student (classification, QA, generation)."""
-    opt = torch.optim.AdamW(params, lr=text_lr(cfg), weight_decay=0.01)
+    # fused: one kernel over all tensors instead of a Python loop per parameter (~10% of a step)
+    opt = torch.optim.AdamW(params, lr=text_lr(cfg), weight_decay=0.01, fused=True)
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
@@ -80,17 +82,39 @@ def text_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> tupl
 
 
 class EpochSampler:
-    """Index batches, epoch-style: every example once before any repeats (drawn from ``gen``)."""
+    """Index batches, epoch-style: every example once before any repeats (drawn from ``gen``).
 
-    def __init__(self, n: int, batch_size: int, gen: np.random.Generator) -> None:
+    With ``lengths``, each window of ``window`` batches is sorted by length before it is cut
+    into batches, and those batches are shuffled: batches of similar lengths pad far less
+    (217 instead of 588 tokens per batch of 16 on SST-2), while which examples meet in an
+    epoch stays random (the bucketing of Hugging Face's ``group_by_length``)."""
+
+    def __init__(self, n: int, batch_size: int, gen: np.random.Generator,
+                 lengths: list[int] | None = None, window: int = 50) -> None:
         self.n, self.batch_size, self.gen = n, batch_size, gen
+        self.lengths = np.asarray(lengths) if lengths is not None else None
+        self.window = window
+        self.batches: list[list[int]] = []
         self.order: list[int] = []
 
     def next(self) -> list[int]:
+        if self.lengths is not None:
+            if not self.batches:
+                self._refill()
+            return self.batches.pop()
         if len(self.order) < self.batch_size:
             self.order.extend(self.gen.permutation(self.n).tolist())
         idx, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
         return idx
+
+    def _refill(self) -> None:
+        order = self.gen.permutation(self.n)
+        span = self.batch_size * self.window
+        for s in range(0, self.n, span):
+            win = order[s:s + span]
+            win = win[np.argsort(self.lengths[win], kind="stable")]
+            self.batches.extend(win[i:i + self.batch_size].tolist() for i in range(0, len(win), self.batch_size))
+        self.batches = [self.batches[i] for i in self.gen.permutation(len(self.batches))]
 
 
 def update(loss: torch.Tensor, opt: Any, sched: Any, params: list[torch.nn.Parameter]) -> None:
@@ -128,12 +152,14 @@ class TeacherCache:
     transfer example: computed once, so a training step costs only the student's passes.
     Hidden states are kept per example at their own length, in fp16."""
 
-    def __init__(self, teacher: TextModel, batcher: Batcher, layers: list[int], batch_size: int = 64) -> None:
+    def __init__(self, teacher: TextModel, batcher: Batcher, layers: list[int], batch_size: int = 64,
+                 bf16: bool = False) -> None:
         self.layers = layers
         self.logits = torch.empty(0)
         self.hidden: list[list[torch.Tensor]] = [[torch.empty(0)] * len(batcher) for _ in layers]
         teacher.module.eval()
-        with torch.no_grad():
+        # bf16 halves the teacher's time over a large pool (30,000 texts: ~45 s -> ~25 s)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for idx in length_sorted_batches(batcher.enc, batch_size):
                 b = batcher.batch(idx)
                 out = teacher.module(**b, output_hidden_states=bool(layers))
@@ -210,6 +236,17 @@ def use_bf16(setting: str) -> bool:
     return bool(isa.get("amx_bf16") or isa.get("avx512_bf16"))
 
 
+def set_dropout(model: torch.nn.Module, p: float | list[float] | None) -> list[float]:
+    """Set every dropout layer's rate (one rate, one per layer as returned, or None to leave
+    them); returns the rates they had. Attention dropout reads its module's rate too."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    before = [m.p for m in layers]
+    if p is not None:
+        for m, r in zip(layers, p if isinstance(p, list) else [p] * len(layers)):
+            m.p = r
+    return before
+
+
 def freeze_word_embeddings(student: TextModel, train: bool) -> None:
     """Keep the vocabulary x hidden table fixed: the shots touch a few hundred of its rows, so
     training it moves only those away from the rest (hurting unseen words), and its dense
@@ -265,24 +302,26 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
     start = time.perf_counter()
     set_seed(seed)
     pairs = layer_map(keep)
+    bf16 = use_bf16(cfg.bf16)
     batcher = Batcher(student, transfer.texts, transfer.pairs, cfg.max_length)
-    cache = TeacherCache(teacher, batcher, [t for _, t in pairs] if cfg.hidden_weight > 0 else [])
+    cache = TeacherCache(teacher, batcher, [t for _, t in pairs] if cfg.hidden_weight > 0 else [], bf16=bf16)
     t_logits = cache.logits
     if validation is not None:
         v_batcher = Batcher(student, validation.texts, validation.pairs, cfg.max_length)
-        v_logits = TeacherCache(teacher, v_batcher, []).logits
+        v_logits = TeacherCache(teacher, v_batcher, [], bf16=bf16).logits
+    teacher_s = time.perf_counter() - start
     use_attention = cfg.attention_weight > 0
-    bf16 = use_bf16(cfg.bf16)
     masks = student.info.get("masks", {})
 
     model = student.module
     model.train()
+    dropout = set_dropout(model, None if cfg.dropout else 0.0)
     freeze_word_embeddings(student, cfg.train_embeddings)
     params = [p for p in model.parameters() if p.requires_grad]
     masked = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]  # looked up once, not per step
     opt, sched = text_optimizer(params, cfg)
     gen = np.random.default_rng(seed)
-    sampler = EpochSampler(len(batcher), cfg.batch_size, gen)
+    sampler = EpochSampler(len(batcher), cfg.batch_size, gen, [len(x) for x in batcher.enc["input_ids"]])
     totals = {"kd": 0.0, "hidden": 0.0, "attention": 0.0}
     ema = math.nan
     eval_at = {round(cfg.steps * (k + 1) / cfg.evals) for k in range(cfg.evals)} if validation else set()
@@ -323,7 +362,9 @@ def distill(teacher: TextModel, student: TextModel, transfer: TransferSet, keep:
         if progress:
             progress(step + 1, cfg.steps, ema)
     best.restore(model)
+    set_dropout(model, dropout)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(transfer), seconds=time.perf_counter() - start,
                         final_loss=ema, losses={k: v / cfg.steps for k, v in totals.items()},
-                        layer_map=pairs, best_step=best.step, validation=best.curve, lr=text_lr(cfg))
+                        layer_map=pairs, best_step=best.step, validation=best.curve, lr=text_lr(cfg),
+                        teacher_seconds=round(teacher_s, 2))

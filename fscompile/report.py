@@ -143,5 +143,7 @@ def render_markdown(m: dict[str, Any]) -> str:
         lines.append(f"- Attention fusion skipped: {art['fusion_skipped']}")
     lines += verification_lines(m.get("verification"))
     t = m["timings_s"]
-    lines += ["", "Compile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
+    labelling = dist.get("teacher_seconds")
+    lines += ["", "Compile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+              + (f" (of distill, the teacher labelling the transfer set: {labelling:.1f})" if labelling else ""), ""]
     return "\n".join(lines)

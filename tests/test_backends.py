@@ -101,3 +101,31 @@ def test_four_bit_embeddings_shrink_the_table_and_keep_outputs(student, tmp_path
     r8, r4 = OrtRunner(a8.path / "model.onnx"), OrtRunner(a4.path / "model.onnx")
     for batch in cal.validate:
         assert np.abs(r8(batch) - r4(batch)).max() < 0.5
+
+
+def test_prepare_rounds_the_embedding_table_to_what_four_bit_artifacts_ship(tiny_teacher):
+    """After prepare, the fp32 student's table is one that ORT's 4-bit block quantizer (the
+    function its Gather quantization calls) stores exactly; the original table is not."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    def stored(table: np.ndarray, block: int) -> np.ndarray:
+        """What ORT's quantizer keeps of ``table``, dequantized."""
+        packed, scales, zeros = DefaultWeightOnlyQuantizer.quantize_ndarray(table, 1, block, False)
+        def unpack(a, n):
+            return np.stack([a & 0xF, a >> 4], -1).reshape(-1)[:n].astype(np.float32)
+        rows, width = table.shape
+        q = unpack(packed, table.size).reshape(rows, width)
+        z = unpack(zeros, scales.size).reshape(scales.shape)
+        return (q - np.repeat(z, block, 1)[:, :width]) * np.repeat(scales, block, 1)[:, :width]
+
+    student, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
+    before = student.module.base.get_input_embeddings().weight.detach().numpy().copy()
+    get_backend("ort-int8").prepare(student, Recipe(prune=0.0, embedding_bits=4))
+    after = student.module.base.get_input_embeddings().weight.detach().numpy()
+    assert student.info["prepare"]["embedding_table"] == {"bits": 4, "block_size": 32, "rows": after.shape[0]}
+    assert np.abs(stored(before, 32) - before).max() > 1e-3  # ORT would round the original table
+    assert np.abs(stored(after, 32) - after).max() < 1e-6  # and keeps the prepared one as it is
+    assert np.abs(after - before).max() <= np.abs(stored(before, 32) - before).max() + 1e-6
+    fp32, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
+    get_backend("ort-fp32").prepare(fp32, Recipe(prune=0.0, embedding_bits=4))  # fp32 ships the table as is
+    assert "embedding_table" not in fp32.info["prepare"]

@@ -1,11 +1,12 @@
 import random
 
+import numpy as np
 import torch
 
 from fscompile.augment import OPS, augment_text, build_transfer_set
 from fscompile.config import DistillConfig
 from fscompile.data import Example
-from fscompile.distill import attention_loss, distill, hidden_loss, kd_loss
+from fscompile.distill import EpochSampler, attention_loss, distill, hidden_loss, kd_loss, set_dropout
 from fscompile.models.text import derive_student, load_teacher, parse_layers, prune_ffn
 
 SHOTS = [Example("the film was wonderful and warm", 1), Example("a dull and tedious film", 0),
@@ -176,6 +177,36 @@ def test_distillation_is_deterministic(tiny_teacher):
         return student.layers()[0].attention.self.query.weight.detach().clone()
 
     assert torch.equal(once(), once())
+
+
+def test_length_grouped_sampler_covers_each_epoch_and_pads_less():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=1000).tolist()
+    grouped = EpochSampler(1000, 16, np.random.default_rng(1), lengths, window=10)
+    plain = EpochSampler(1000, 16, np.random.default_rng(1))
+
+    def padded(sampler, n):
+        return sum(max(lengths[i] for i in b) * len(b) for b in (sampler.next() for _ in range(n)))
+
+    epoch = [grouped.next() for _ in range(63)]  # 1000 = 62 batches of 16 + one of 8
+    seen = sorted(i for b in epoch for i in b)
+    assert seen == list(range(1000)) and all(len(b) <= 16 for b in epoch)
+    assert padded(grouped, 200) < 0.7 * padded(plain, 200)
+    # batches are not in length order: the order of the epoch stays random
+    maxima = [max(lengths[i] for i in b) for b in epoch]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+    again = EpochSampler(1000, 16, np.random.default_rng(1), lengths, window=10)
+    assert [again.next() for _ in range(63)] == epoch
+
+
+def test_distillation_without_dropout_restores_rates(tiny_teacher):
+    teacher = load_teacher(str(tiny_teacher))
+    student, keep = derive_student(teacher, [2])
+    rates = set_dropout(student.module, None)
+    assert rates and any(r > 0 for r in rates)
+    ts = build_transfer_set(SHOTS, per_shot=2, seed=0, mask_token="[MASK]")
+    stats = distill(teacher, student, ts, keep, DistillConfig(steps=3, batch_size=4, dropout=False, evals=0), seed=0)
+    assert stats.steps == 3 and set_dropout(student.module, None) == rates  # the saved model keeps its rates
 
 
 def test_factorized_embeddings_roundtrip(tiny_teacher, tmp_path):
