@@ -158,7 +158,7 @@ class TeacherCache:
         self.logits = torch.empty(0)
         self.hidden: list[list[torch.Tensor]] = [[torch.empty(0)] * len(batcher) for _ in layers]
         teacher.module.eval()
-        # bf16 halves the teacher's time over a large pool (30,000 texts: ~45 s -> ~25 s)
+        # bf16 nearly halves the teacher's time over a large pool (3,000 SST-2 texts: 4.2 -> 2.3 s)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for idx in length_sorted_batches(batcher.enc, batch_size):
                 b = batcher.batch(idx)
