@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..config import Recipe
 from ..errors import InputError, TargetUnavailable
 
 GROUP = "fscompile.backends"
@@ -27,19 +28,6 @@ class Artifact:
     model_file: str
     precision: str
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What the pipeline asks of a backend's ``prepare`` (sparsity) and ``compile`` steps."""
-
-    prune: float = 0.0
-    prune_heads: bool = False  # CPU targets: whole attention heads too, not only FFN channels
-    seed: int = 0
-    seq_len: int = 128
-    calibration: str = "auto"
-    embedding_bits: int = 8  # 4: the word-embedding table block-quantized to 4 bits
-    variant: str | None = None  # build only this INT8 candidate (verification's unpruned twin: latency only)
 
 
 class Backend(abc.ABC):

@@ -15,17 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ..calibration import CalibrationSet, ReaderFromBatches
+from ..calibration import SELECTION, CalibrationSet, ReaderFromBatches, choose, methods
 from ..errors import StageError
 from ..models.text import TextModel
 from ..profile import latency, physical_cores
 from . import Artifact, Backend, Recipe
 
 MODEL_FILE = "model.onnx"
-# Variants within this agreement of the best (or within two standard errors, whichever is
-# larger: a few hundred validation inputs cannot tell 99.2% from 100%) are "as accurate";
-# latency decides between them.
-AGREEMENT_TIE = 0.005
 
 
 def session(path: Path | str, threads: int | None = None):
@@ -258,17 +254,17 @@ class OrtInt8Backend(_OrtBackend):
                     candidates["dynamic-per-channel"] = dynamic_int8(self._embeddings(fused, recipe), dyn, fused=True)
                 except Exception as e:  # record and fall back to the other candidate
                     errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
-            methods = self.calibration_methods if recipe.calibration == "auto" else (recipe.calibration,)
+            tried = methods(recipe.calibration, self.calibration_methods)
             if want is not None:
-                methods = tuple(m for m in methods if want == f"static-qdq-{m}")
+                tried = tuple(m for m in tried if want == f"static-qdq-{m}")
             pre = work / "pre.onnx"
             try:
-                if methods:
+                if tried:
                     self._preprocess(raw, pre)
             except Exception as e:
                 errors["static-qdq"] = f"pre-processing failed: {str(e).splitlines()[0][:200]}"
-                methods = ()
-            for method in methods:
+                tried = ()
+            for method in tried:
                 name, stat = f"static-qdq-{method}", work / f"static-{method}.onnx"
                 try:
                     self._static(pre, stat, calibration, student, method)
@@ -281,8 +277,7 @@ class OrtInt8Backend(_OrtBackend):
             info.update({"variant": choice, "candidates": table, "errors": errors,
                     "calibration_samples": calibration.num_calibration_samples,
                     "validation_samples": calibration.num_validation_samples,
-                    "selection": "highest agreement with the fp32 model on held-out augmented shots (ties: "
-                                 f"within {AGREEMENT_TIE:.1%} or two standard errors), then lowest batch-1 latency"})
+                    "selection": SELECTION})
             return self._finish(student, candidates[choice], out_dir, "int8", info)
 
     @staticmethod
@@ -315,14 +310,14 @@ class OrtInt8Backend(_OrtBackend):
         ops = list(student.quant_ops)
         exclude = [n.name for n in model.graph.node if n.op_type == "MatMul"
                    and any(list(inits.get(x, [])[:1]) == [ffn] for x in n.input)]
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
-        if method not in methods:
-            raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(methods)}")
+        calibrators = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}
+        if method not in calibrators:
+            raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(calibrators)}")
         quantize_static(str(pre), str(dst), ReaderFromBatches(calibration.calibrate),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude, calibrate_method=methods[method],
+                        nodes_to_exclude=exclude, calibrate_method=calibrators[method],
                         extra_options={"CalibMovingAverage": True} if method == "minmax" else {})
 
     @staticmethod
@@ -340,8 +335,4 @@ class OrtInt8Backend(_OrtBackend):
             lat = latency(lambda: run(probe), warmup=2, min_reps=10, max_reps=60, budget_s=1.0)
             table[name] = {"agreement": float(agree.mean()), "b1_p50_ms": lat["p50_ms"],
                            "size_mb": onnx_size_mb(path)}
-        best_agree = max(t["agreement"] for t in table.values())
-        n = max(1, calibration.num_validation_samples)
-        margin = max(AGREEMENT_TIE, 2 * float(np.sqrt(max(best_agree * (1 - best_agree), 1 / n) / n)))
-        tied = [name for name, t in table.items() if t["agreement"] >= best_agree - margin]
-        return min(tied, key=lambda n: table[n]["b1_p50_ms"]), table
+        return choose(table, calibration.num_validation_samples), table

@@ -178,7 +178,7 @@ def main() -> None:
     import fscompile
     from fscompile.data import load_task_data
     from fscompile.models.text import load_teacher
-    from fscompile.pipeline import to_teacher_labels
+    from fscompile.tasks.text import to_teacher_labels
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

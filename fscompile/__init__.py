@@ -1,10 +1,11 @@
 """fscompile: few-shot distillation of a teacher into a small student, compiled for a target."""
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = version("fscompile")
 
 
 def compile(teacher: str = "minilm", *, data: str | None = None, target: str = "ort-int8", shots: int = 10,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +28,39 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _quiet_libraries() -> None:
-    # Library chatter (weight-loading bars, Hub retries) would bury our own progress.
+def _quiet_libraries(verbose: bool = False) -> None:
+    """Library chatter (weight-loading bars, Hub retries, ORT's warnings) would bury our own
+    progress: off unless ``verbose``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer warns through the root logger
     for name in ("transformers", "huggingface_hub", "datasets", "httpx", "urllib3", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
+        import onnxruntime
         import transformers
 
+        onnxruntime.set_default_logger_severity(3)  # the C++ runtime's own warnings, on stderr
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def _library_output(verbose: bool) -> Iterator[None]:
+    """Where ``print`` inside libraries goes during a compile (ORT's calibrators print their
+    progress): stdout carries only our result, so to stderr with ``verbose``, else nowhere."""
+    if verbose:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 EXIT_HELP = "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
@@ -140,12 +159,14 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quiet: bool, debug: bool,
+@click.option("--verbose", is_flag=True, help="Let the libraries' own output through (on stderr).")
+@click.option("--debug", is_flag=True, help="Show tracebacks (and the libraries' output, as --verbose).")
+def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quiet: bool, verbose: bool, debug: bool,
                 **opts: Any) -> None:
     """Compile TEACHER (a Hub id, an alias such as minilm / bert-base / distilbert, or a local
     model directory) into a deployable student for --target."""
-    _quiet_libraries()
+    verbose = verbose or debug
+    _quiet_libraries(verbose)
     from .ui import ProgressUI, print_summary
 
     try:
@@ -158,8 +179,7 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         out = out or Path("fscompile-out") / cfg.run_name()
-        # stdout carries only our result (--json): library prints (ORT's calibrators) go to stderr
-        with ProgressUI(enabled=not quiet and not as_json) as ui, contextlib.redirect_stdout(sys.stderr):
+        with ProgressUI(enabled=not quiet and not as_json) as ui, _library_output(verbose):
             from .pipeline import run
 
             manifest = run(cfg, out, force=force, progress=ui.update)
@@ -265,7 +285,7 @@ def bench_cmd(config_file: str | None, no_peers: bool, jobs: int, use_ray: bool,
               **flags: Any) -> None:
     """Run a sweep of shots x seeds x targets beside the peers; write results.jsonl (resumable),
     table.md, table.csv and pareto.png."""
-    _quiet_libraries()
+    _quiet_libraries(debug)
     from .bench import Sweep, run_sweep
 
     try:
@@ -275,7 +295,7 @@ def bench_cmd(config_file: str | None, no_peers: bool, jobs: int, use_ray: bool,
         sweep = Sweep.from_file(config_file, **flags) if config_file else Sweep(**flags)
         if jobs < 1:
             raise click.UsageError("--jobs must be >= 1")
-        with contextlib.redirect_stdout(sys.stderr):
+        with _library_output(debug):
             run_sweep(sweep, out, jobs=jobs, use_ray=use_ray, echo=lambda m: click.echo(m, err=True))
     except click.UsageError:
         raise

@@ -61,6 +61,19 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """What the pipeline asks of a backend's ``prepare`` (sparsity) and ``compile`` steps."""
+
+    prune: float = 0.0
+    prune_heads: bool = False  # CPU targets: whole attention heads too, not only FFN channels
+    seed: int = 0
+    seq_len: int = 128
+    calibration: str = "auto"
+    embedding_bits: int = 8  # 4: the word-embedding table block-quantized to 4 bits
+    variant: str | None = None  # build only this INT8 candidate (verification's unpruned twin: latency only)
+
+
+@dataclass(frozen=True)
 class CompileConfig:
     """Everything that determines one compile; recorded in the manifest."""
 
@@ -122,6 +135,11 @@ class CompileConfig:
         """A short hash identifying the run (same config => same fingerprint)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def recipe(self) -> Recipe:
+        """What this compile asks of the target's ``prepare`` and ``compile`` steps."""
+        return Recipe(prune=self.prune, prune_heads=self.prune_heads, seed=self.seed, seq_len=self.seq_len,
+                      calibration=self.calibration, embedding_bits=self.embedding_bits)
 
     def run_name(self) -> str:
         teacher = self.teacher.rstrip("/").split("/")[-1] or "teacher"

@@ -8,7 +8,7 @@ from fscompile.augment import build_transfer_set
 from fscompile.config import CompileConfig
 from fscompile.errors import InputError
 from fscompile.models.text import derive_student, load_teacher
-from fscompile.pipeline import calibration_set
+from fscompile.tasks.text import calibration_set
 from tests.test_distill import SHOTS
 
 

@@ -70,7 +70,7 @@ def test_transfer_set_contents():
 
 def test_unlabeled_hold_out_for_early_stopping():
     from fscompile.augment import TransferSet
-    from fscompile.pipeline import hold_out_unlabeled
+    from fscompile.tasks.text import hold_out_unlabeled
 
     pool = [f"raw text {i}" for i in range(40)]
     ts = build_transfer_set(SHOTS, per_shot=2, seed=0, mask_token="[MASK]", unlabeled=pool)

@@ -158,7 +158,7 @@ def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
     import torch
 
     import fscompile
-    from fscompile.models.text import load_torch
+    from fscompile.models import load_any
 
     out = tmp_path / "out"
     m = fscompile.compile(str(tiny_qa), data=str(squad_file), shots=2, steps=8, batch_size=2, augment=3,
@@ -192,7 +192,7 @@ def test_qa_compile_end_to_end(tiny_qa, squad_file, tmp_path):
 
     teacher = load_qa_teacher(str(tiny_qa))
     teacher.save_torch(tmp_path / "copy")
-    again = load_torch(tmp_path / "copy")
+    again = load_any(tmp_path / "copy")
     assert isinstance(again, QAModel)
     x = teacher.encode(["who?"], ["someone here"])
     with torch.no_grad():

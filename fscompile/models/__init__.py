@@ -14,11 +14,16 @@ def load_any(path: Path) -> Any:
 
     if (Path(path) / VISION_FILE).is_file():
         return load_image_model(Path(path))
-    from .text import HEAD_FILE, load_torch
+    from .base import HEAD_FILE
+    from .text import load_torch
 
-    if json.loads((Path(path) / HEAD_FILE).read_text()).get("kind") == "causal-lm":
+    kind = json.loads((Path(path) / HEAD_FILE).read_text()).get("kind")
+    if kind == "causal-lm":
         from .lm import load_lm_torch
 
         return load_lm_torch(Path(path))
+    if kind == "qa":
+        from .qa import QAModel
 
+        return load_torch(Path(path), QAModel)
     return load_torch(Path(path))

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError, StageError
-from .text import HEAD_FILE, Output, TextModel, _replace, _short, resolve_source
+from .base import HEAD_FILE, HFWrapper, Output, replace_module, resolve_source, short_error
+from .text import TextModel
 
 LM_KIND = "causal-lm"
 # Hub names that are causal LMs, for --task auto without reading a config (offline machines).
@@ -20,16 +21,8 @@ KNOWN_LM_PREFIXES = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/
                      "facebook/opt", "sshleifer/tiny-gpt2")
 
 
-class CausalLM(nn.Module):
+class CausalLM(HFWrapper):
     """A Hugging Face ``*ForCausalLM`` / ``*LMHeadModel``: ``Output(logits [B, T, V], hidden_states)``."""
-
-    def __init__(self, hf: nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    @property
-    def base(self) -> nn.Module:
-        return self.hf.base_model
 
     def forward(self, input_ids=None, attention_mask=None, *, output_hidden_states=False, **_: Any) -> Output:
         out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
@@ -122,7 +115,7 @@ class LMModel(TextModel):
                 torch.onnx.export(_WithCache().eval(), (ids, mask, *past), str(path), input_names=inputs,
                                   output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False)
         except Exception as e:  # exporter failures are many types; surface one line
-            raise StageError(f"ONNX export failed: {_short(e)}") from e
+            raise StageError(f"ONNX export failed: {short_error(e)}") from e
         finally:
             self.module.eval()  # the exporter restores the wrapper's (training) mode onto the model
 
@@ -180,14 +173,14 @@ def load_lm_teacher(spec: str, *, trust_remote_code: bool = False) -> LMModel:
         config = AutoConfig.from_pretrained(source, **kw)
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load model {spec!r}: {_short(e)}") from None
+        raise InputError(f"cannot load model {spec!r}: {short_error(e)}") from None
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise InputError(f"{spec!r} is not a causal language model (architectures: {archs})")
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kw)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the weights of {spec!r}: {_short(e)}") from None
+        raise InputError(f"cannot load the weights of {spec!r}: {short_error(e)}") from None
     n = len(decoder_stack(hf.base_model)[2])
     return _wrap(hf, tokenizer, source, {"spec": spec, "model_type": config.model_type, "architectures": archs,
                                          "num_layers": n})
@@ -251,8 +244,8 @@ def prune_decoder_ffn(model: LMModel, rate: float) -> dict[str, int]:
         k = max(1, int(round(n * (1 - rate))))
         keep = torch.sort(torch.topk(score, k).indices).values
         for layer in ins:
-            _replace(block, layer, _take(layer, keep, out_side=True))
-        _replace(block, out, _take(out, keep, out_side=False))
+            replace_module(block, layer, _take(layer, keep, out_side=True))
+        replace_module(block, out, _take(out, keep, out_side=False))
         before, after = before + n, after + k
     for name in ("n_inner", "intermediate_size"):
         if getattr(model.config, name, None) is not None or name == "n_inner":

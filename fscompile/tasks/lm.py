@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..calibration import CalibrationSet
+from ..calibration import Batches, CalibrationSet, from_transfer
 from ..config import CompileConfig, DistillConfig
 from ..data.batching import length_sorted_batches, pad_batch
 from ..distill import (
@@ -37,6 +37,7 @@ from ..distill import (
     use_bf16,
 )
 from ..models.lm import LMModel
+from .base import Distilled, Progress, prepare, timed
 
 MAX_SAMPLES_PER_SHOT = 32  # each sample is a teacher generation: --augment is capped here for this task
 SAMPLE_TOKENS = 64  # new tokens per teacher sample
@@ -279,15 +280,11 @@ class TextGenerationTask:
         return windows(d.student, [e.text for e in d.task.eval], d.task.info.get("window", 128))
 
     def distill_stage(self, cfg: CompileConfig, backend: Any, progress: Any):
-        import copy
-
         from ..checkpoint import checkpoint_dir, resume_or_distill
         from ..data.lm import load_lm_task
         from ..errors import InputError
         from ..models.lm import derive_lm_student, load_lm_teacher
         from ..models.text import parse_layers
-        from ..pipeline import _recipe
-        from . import Distilled, timed
 
         if cfg.embedding_rank or cfg.distill.unlabeled:
             raise InputError("--embedding-rank and --unlabeled apply to text classification only")
@@ -299,7 +296,6 @@ class TextGenerationTask:
             task.info["window"] = length
         with timed(timings, "load teacher", progress):
             teacher = load_lm_teacher(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-        unpruned = None
         with timed(timings, "derive student", progress):
             if cfg.student:  # a pretrained student by name (distilgpt2): it must share the vocabulary
                 student = load_lm_teacher(cfg.student, trust_remote_code=cfg.trust_remote_code)
@@ -314,9 +310,7 @@ class TextGenerationTask:
                 if isinstance(plan, int):  # a count: evenly spaced, the last block included (its output is normed)
                     plan = sorted({int(round(x)) for x in np.linspace(n - 1, 0, plan, endpoint=False)[::-1]})
                 student, keep = derive_lm_student(teacher, plan), plan
-            if backend is not None:
-                unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
-                student = backend.prepare(student, _recipe(cfg))
+            student, unpruned = prepare(student, backend, cfg)
         shots = windows(teacher, [e.text for e in task.shots], length)
         if not shots:
             raise InputError("the shot passages tokenise to nothing")
@@ -334,19 +328,20 @@ class TextGenerationTask:
 
             student, stats = resume_or_distill(ckpt, student, progress, train)
         student.info["layers_kept"] = keep
-        return Distilled(task, teacher, student, keep, transfer, stats, None, unpruned, timings, ckpt, self.name)
+        return Distilled(task, teacher, student, keep, transfer, stats, None, unpruned, timings, ckpt)
+
+    def retarget(self, d: Distilled, backend: Any, cfg: CompileConfig, steps: int, progress: Progress) -> Distilled:
+        return d  # pruned in its own compile only, like QA
 
     def calibration(self, d: Any, cfg: CompileConfig) -> CalibrationSet:
-        """Shots and teacher samples, padded to one width (histogram calibrators need equal shapes)."""
-        rng = np.random.default_rng(cfg.seed + 1)
-        order = rng.permutation(len(d.transfer)).tolist()
-        half = min(64, len(order) // 2) or 1
+        """Shots and teacher samples, padded to one width (histogram calibrators need equal shapes):
+        a seeded half (at most 64) calibrates, others validate."""
         width = max(len(x) for x in d.transfer.ids)
 
-        def batches(idx: list[int]) -> list[dict[str, np.ndarray]]:
+        def batches(idx: list[int]) -> Batches:
             return [feed(d.student, d.transfer.ids, idx[s:s + 8], width) for s in range(0, len(idx), 8)]
 
-        return CalibrationSet(calibrate=batches(order[:half]), validate=batches(order[half:half + 64] or order[:half]))
+        return from_transfer(len(d.transfer), batches, cfg.seed, n_calibrate=64, n_validate=64)
 
     def evaluate(self, d: Any, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
         ids = self.eval_windows(d)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..calibration import CalibrationSet, batches_from_encodings
+from ..calibration import Batches, CalibrationSet, batches_from_encodings, from_transfer
 from ..config import CompileConfig, DistillConfig
 from ..data import Example
 from ..data.batching import length_sorted_batches, pad_batch
@@ -45,6 +45,7 @@ from ..distill import (
     use_bf16,
 )
 from ..models.qa import QAModel
+from .base import Distilled, Progress, prepare, timed
 
 QA_LENGTH = 384  # Hugging Face's convention for SQuAD: most contexts fit whole
 DOC_STRIDE = 128  # tokens shared by consecutive windows of a long context (Hugging Face's default)
@@ -306,16 +307,12 @@ class QuestionAnsweringTask:
     name = "question-answering"
 
     def distill_stage(self, cfg: CompileConfig, backend: Any, progress: Any):
-        import copy
-
         from ..augment import TransferSet, build_transfer_set, vocabulary_words
         from ..checkpoint import checkpoint_dir, resume_or_distill
         from ..data.qa import load_qa_task, load_unlabeled_qa
         from ..errors import InputError
         from ..models.qa import load_qa_teacher
         from ..models.text import derive_student, parse_layers
-        from ..pipeline import _recipe
-        from . import Distilled, timed
 
         if cfg.embedding_rank:
             raise InputError("--embedding-rank applies to text classification only")
@@ -326,7 +323,6 @@ class QuestionAnsweringTask:
         with timed(timings, "load teacher", progress):
             teacher = load_qa_teacher(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
         length = qa_length(cfg, teacher)
-        unpruned = None
         with timed(timings, "derive student", progress):
             mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
             ops = tuple(o for o in cfg.distill.ops.split(",") if o != "near")
@@ -350,9 +346,7 @@ class QuestionAnsweringTask:
             if isinstance(plan, int):  # a count: evenly spaced (measured selection is built for classifiers)
                 plan = sorted({int(round(x)) for x in np.linspace(0, n - 1, plan)})
             student, keep = derive_student(teacher, plan)
-            if backend is not None:
-                unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
-                student = backend.prepare(student, _recipe(cfg))
+            student, unpruned = prepare(student, backend, cfg)
         ckpt = checkpoint_dir(cfg, backend)
         with timed(timings, "distill", progress):
             def train() -> DistillStats:
@@ -370,20 +364,21 @@ class QuestionAnsweringTask:
 
             student, stats = resume_or_distill(ckpt, student, progress, train)
         assert isinstance(transfer, TransferSet)
-        return Distilled(task, teacher, student, keep, transfer, stats, None, unpruned, timings, ckpt, self.name)
+        return Distilled(task, teacher, student, keep, transfer, stats, None, unpruned, timings, ckpt)
+
+    def retarget(self, d: Distilled, backend: Any, cfg: CompileConfig, steps: int, progress: Progress) -> Distilled:
+        return d  # pruned in its own compile only: one recovery per target costs a QA distillation
 
     def calibration(self, d: Any, cfg: CompileConfig) -> CalibrationSet:
-        rng = np.random.default_rng(cfg.seed + 1)
-        order = rng.permutation(len(d.transfer)).tolist()
+        """Transfer questions in windows: a seeded half (at most 128) calibrates, others validate."""
         length = qa_length(cfg, d.student)
 
-        def batches(idx: list[int]) -> list[dict[str, np.ndarray]]:
+        def batches(idx: list[int]) -> Batches:
             enc = windows(d.student.tokenizer, [d.transfer.texts[i] for i in idx],
                           [d.transfer.pairs[i] for i in idx], length)
             return batches_from_encodings(enc, d.student.input_names, d.student.tokenizer.pad_token_id or 0)
 
-        half = min(128, len(order) // 2)
-        return CalibrationSet(calibrate=batches(order[:half]), validate=batches(order[half:half + 128] or order[:half]))
+        return from_transfer(len(d.transfer), batches, cfg.seed, n_calibrate=128, n_validate=128)
 
     def evaluate(self, d: Any, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
         return evaluate_qa(d.task, d.teacher, d.student, runner, qa_length(cfg, d.student))

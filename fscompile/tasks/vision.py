@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calibration import CalibrationSet
+from ..calibration import CalibrationSet, from_views
 from ..config import CompileConfig, DistillConfig
 from ..data.images import ImageTaskData
 from ..distill import BestCheckpoint, DistillStats, kd_loss, set_seed
 from ..evaluate import metrics
 from ..models.vision import ImageModel, final_linear
+from .base import Distilled, Progress, prepare, recovered, timed
 
 VISION_LR = 1e-3  # students start from random weights: a text-fine-tuning rate would barely move them
 
@@ -195,18 +196,6 @@ def distill_images(teacher: ImageModel, student: ImageModel, task: ImageTaskData
                         lr=lr)
 
 
-def image_calibration_set(student: ImageModel, task: ImageTaskData, cfg: CompileConfig,
-                          n_calibrate: int = 256, n_validate: int = 256, batch: int = 16) -> CalibrationSet:
-    """Calibrate on the shots plus augmented views; validate on other views (another seed)."""
-    cal = variants(student, task, n_calibrate, cfg.seed + 1).numpy()
-    val = variants(student, task, n_validate, cfg.seed + 7919).numpy()
-
-    def batches(x: np.ndarray) -> list[dict[str, np.ndarray]]:
-        return [{"pixel_values": np.ascontiguousarray(x[i:i + batch])} for i in range(0, len(x), batch)]
-
-    return CalibrationSet(calibrate=batches(cal), validate=batches(val))
-
-
 def predict_images(runner: Callable[[dict[str, np.ndarray]], np.ndarray], model: ImageModel,
                    examples: list[Any], batch: int = 64) -> np.ndarray:
     out = [np.asarray(runner({"pixel_values": model.preprocess([e.image for e in examples[i:i + batch]])}))
@@ -241,7 +230,6 @@ class ImageClassificationTask:
         from ..data.images import load_image_task
         from ..errors import InputError
         from ..models.vision import derive_image_student, load_image_teacher
-        from . import Distilled, timed
 
         if cfg.embedding_bits != 8 or cfg.embedding_rank or cfg.distill.unlabeled:
             raise InputError("--embedding-bits, --embedding-rank and --unlabeled apply to text models only")
@@ -256,27 +244,23 @@ class ImageClassificationTask:
                 teacher.image_size = cfg.image_size
         with timed(timings, "adapt teacher", progress):
             adaptation = None if teacher.has_head else fit_image_head(teacher, task, cfg.seed)
-        unpruned = None
         with timed(timings, "derive student", progress):
-            student = derive_image_student(teacher, cfg.student)
-            if backend is not None:
-                import copy
-
-                from ..pipeline import _recipe
-
-                # pruned before distillation, which then serves as the recovery
-                unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
-                student = backend.prepare(student, _recipe(cfg))
+            student, unpruned = prepare(derive_image_student(teacher, cfg.student), backend, cfg)
         ckpt = checkpoint_dir(cfg, backend)
         with timed(timings, "distill", progress):
             student, stats = resume_or_distill(ckpt, student, progress, lambda: distill_images(
                 teacher, student, task, cfg.distill, cfg.seed,
                 progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}"),
                 validation=variants(teacher, task, 256, cfg.seed + 7919) if cfg.distill.evals else None))
-        return Distilled(task, teacher, student, [], None, stats, adaptation, unpruned, timings, ckpt, self.name)
+        return Distilled(task, teacher, student, [], None, stats, adaptation, unpruned, timings, ckpt)
+
+    def retarget(self, d: Distilled, backend: Any, cfg: CompileConfig, steps: int, progress: Progress) -> Distilled:
+        return recovered(d, backend, cfg, steps, progress,
+                         lambda student, dcfg: distill_images(d.teacher, student, d.task, dcfg, cfg.seed))
 
     def calibration(self, d: Any, cfg: CompileConfig) -> CalibrationSet:
-        return image_calibration_set(d.student, d.task, cfg)
+        """Shots plus augmented views calibrate; views of another seed validate."""
+        return from_views(lambda n, seed: variants(d.student, d.task, n, seed).numpy(), cfg.seed)
 
     def evaluate(self, d: Any, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
         return evaluate_images(d.task, d.teacher, d.student, runner)

@@ -1,0 +1,197 @@
+"""Text classification (single texts and sentence pairs): the transfer set grown from the shots
+(plus any unlabelled text), the layers the student keeps, KD with hidden-state matching, and the
+calibration set; the adapter the pipeline calls."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ..adapt import fit_head
+from ..augment import (
+    Lexicon,
+    TransferSet,
+    build_transfer_set,
+    nearest_words,
+    vocabulary_words,
+)
+from ..backends import Backend
+from ..calibration import Batches, CalibrationSet, batches_from_encodings, from_transfer
+from ..checkpoint import checkpoint_dir, resume_or_distill
+from ..config import CompileConfig
+from ..data import Example, TaskData, load_task_data, load_unlabeled
+from ..distill import distill, set_seed
+from ..evaluate import evaluate_all, metrics, predict, real_seq_len, torch_runner
+from ..models.text import (
+    TextModel,
+    align_labels,
+    derive_student,
+    factorize_embeddings,
+    load_teacher,
+    parse_layers,
+    select_layers,
+)
+from .base import Distilled, Progress, prepare, recovered, timed
+
+
+def load_data(cfg: CompileConfig) -> TaskData:
+    return load_task_data(cfg.data, cfg.shots, cfg.seed, text_column=cfg.text_column,
+                          text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+                          max_eval=cfg.max_eval)
+
+
+def to_teacher_labels(task: TaskData, teacher: TextModel) -> TaskData:
+    """Re-express the data's labels in the teacher's label order (by name or index)."""
+    mapping = align_labels(teacher, task.label_names)
+    if mapping is None:  # headless teacher: its new head follows the data's labels
+        return task
+
+    def remap(ex: list[Example]) -> list[Example]:
+        return [dataclasses.replace(e, label=mapping[e.label]) for e in ex]
+
+    return dataclasses.replace(task, shots=remap(task.shots), eval=remap(task.eval),
+                               label_names=list(teacher.label_names))
+
+
+def adapt(teacher: TextModel, task: TaskData, cfg: CompileConfig) -> dict[str, Any] | None:
+    """Give a headless teacher a task head fitted on the shots (None when it has one)."""
+    if teacher.has_head:
+        return None
+    return fit_head(teacher, task.shots, cfg.seed)
+
+
+def _grow(task: TaskData, teacher: TextModel, cfg: CompileConfig, per_shot: int, seed: int,
+          unlabeled: list[str] | None = None) -> TransferSet:
+    """The shots plus ``per_shot`` augmented variants each, with the configured augmentations."""
+    mask = teacher.tokenizer.mask_token or teacher.tokenizer.unk_token or "[MASK]"
+    return build_transfer_set(task.shots, per_shot, seed, mask, unlabeled, tuple(cfg.distill.ops.split(",")),
+                              lexicon(task, teacher))
+
+
+def lexicon(task: TaskData, teacher: TextModel) -> Lexicon:
+    """The teacher's vocabulary words and, for the shots' words, their embedding neighbours."""
+    words = vocabulary_words(teacher.tokenizer)
+    seen = {w for s in task.shots for t in (s.text, s.text_pair or "") for w in t.split()}
+    table = teacher.module.base.get_input_embeddings().weight
+    return Lexicon(words, nearest_words(teacher.tokenizer, table, seen, words))
+
+
+def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig) -> TransferSet:
+    unlabeled = None
+    if cfg.distill.unlabeled:
+        # more texts than the distillation steps can show is teacher time spent for nothing
+        unlabeled = load_unlabeled(cfg.distill.unlabeled, task.eval + task.shots,
+                                   cfg.distill.steps * cfg.distill.batch_size, cfg.seed)
+    return _grow(task, teacher, cfg, cfg.distill.augment, cfg.seed, unlabeled)
+
+
+def choose_layers(teacher: TextModel, transfer: TransferSet, cfg: CompileConfig,
+                  probe_size: int = 256) -> tuple[list[int], list[dict[str, Any]] | None]:
+    """The teacher layers the student keeps: as given, or chosen by measured effect on a
+    probe drawn from the transfer set (the teacher's outputs are the target, no labels)."""
+    plan = parse_layers(cfg.student_layers, len(teacher.layers()))
+    if isinstance(plan, list):
+        return plan, None
+    rng = np.random.default_rng(cfg.seed + 2)
+    idx = sorted(rng.choice(len(transfer), size=min(probe_size, len(transfer)), replace=False).tolist())
+    texts = [transfer.texts[i] for i in idx]
+    pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
+    probe = teacher.encode(texts, pairs, max_length=cfg.distill.max_length)
+    return select_layers(teacher, plan, probe)
+
+
+def hold_out_unlabeled(transfer: TransferSet, seed: int, size: int = 256) -> tuple[TransferSet, TransferSet | None]:
+    """With --unlabeled text, a quarter of it (at most ``size`` texts) set apart for early
+    stopping, as the QA task does with its question pool: agreement on fresh variants of the
+    shots saturates near 98% and says little about real inputs; held-out real text does.
+    Returns (the transfer set without them, the held-out texts or None)."""
+    pool = [i for i, o in enumerate(transfer.origin) if o == "unlabeled"]
+    k = min(size, len(pool) // 4)
+    if not k:
+        return transfer, None
+    held = set(np.random.default_rng(seed + 7919).choice(pool, k, replace=False).tolist())
+
+    def take(idx: list[int]) -> TransferSet:
+        pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
+        return TransferSet([transfer.texts[i] for i in idx], pairs, [transfer.origin[i] for i in idx])
+
+    return (take([i for i in range(len(transfer)) if i not in held]), take(sorted(held)))
+
+
+def validation_set(task: TaskData, teacher: TextModel, cfg: CompileConfig, size: int = 256) -> TransferSet:
+    """Fresh variants of the shots (another seed, never trained on) for early stopping."""
+    ts = _grow(task, teacher, cfg, max(1, -(-size // len(task.shots))), cfg.seed + 7919)
+    n = len(task.shots)  # drop the raw shots: the student trains on those
+    return TransferSet(ts.texts[n:], ts.pairs[n:] if ts.pairs is not None else None, ts.origin[n:])
+
+
+def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfig,
+                    n_calibrate: int = 256, n_validate: int = 256) -> CalibrationSet:
+    """Calibrate on the shots plus augmented variants; other variants validate (``calibration.split``)."""
+    def batches(idx: list[int]) -> Batches:
+        texts = [transfer.texts[i] for i in idx]
+        pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
+        enc = student.tokenizer(texts, pairs, truncation=True, max_length=cfg.distill.max_length)
+        return batches_from_encodings(enc, student.input_names, student.tokenizer.pad_token_id or 0)
+
+    return from_transfer(len(transfer), batches, cfg.seed, shots=transfer.origin.count("shot"),
+                         n_calibrate=n_calibrate, n_validate=n_validate)
+
+
+def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
+    """Text classification: transfer set, layer choice, derived student, KD + hidden matching."""
+    timings: dict[str, float] = {}
+    set_seed(cfg.seed)
+    with timed(timings, "load data", progress):
+        task = load_data(cfg)
+    with timed(timings, "load teacher", progress):
+        teacher = load_teacher(cfg.teacher, task.label_names, trust_remote_code=cfg.trust_remote_code)
+        task = to_teacher_labels(task, teacher)
+    with timed(timings, "adapt teacher", progress):
+        adaptation = adapt(teacher, task, cfg)
+    with timed(timings, "derive student", progress):
+        transfer, held = hold_out_unlabeled(transfer_set(task, teacher, cfg), cfg.seed, 256 if cfg.distill.evals else 0)
+        keep, selection = choose_layers(teacher, transfer, cfg)
+        student, keep = derive_student(teacher, keep)
+        student.info["layer_selection"] = selection
+        if cfg.embedding_rank:
+            student.info["embeddings"] = factorize_embeddings(student, cfg.embedding_rank)
+        student, unpruned = prepare(student, backend, cfg)
+    ckpt = checkpoint_dir(cfg, backend)
+    with timed(timings, "distill", progress):
+        student, stats = resume_or_distill(ckpt, student, progress, lambda: distill(
+            teacher, student, transfer, keep, cfg.distill, cfg.seed,
+            validation=(held or validation_set(task, teacher, cfg)) if cfg.distill.evals else None,
+            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}")))
+    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt)
+
+
+class TextClassificationTask:
+    """The text-classification adapter: the stages above."""
+
+    name = "text-classification"
+
+    def distill_stage(self, cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
+        return distill_stage(cfg, backend, progress)
+
+    def retarget(self, d: Distilled, backend: Backend, cfg: CompileConfig, steps: int,
+                 progress: Progress) -> Distilled:
+        return recovered(d, backend, cfg, steps, progress,
+                         lambda student, dcfg: distill(d.teacher, student, d.transfer, d.keep, dcfg, cfg.seed))
+
+    def calibration(self, d: Distilled, cfg: CompileConfig) -> CalibrationSet:
+        return calibration_set(d.student, d.transfer, cfg)
+
+    def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
+        return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length)
+
+    def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]:
+        return d.teacher.tokenizer.vocab_size, cfg.seq_len, real_seq_len(d.task, d.student, cfg.distill.max_length)
+
+    def predictions(self, d: Distilled, runner: Any, model: TextModel, max_length: int = 128) -> np.ndarray:
+        """``model``'s logits on the evaluation rows, through ``runner`` (None: in PyTorch)."""
+        return predict(runner or torch_runner(model), model.tokenizer, model.input_names, d.task.eval, max_length)
+
+    def score(self, d: Distilled, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference.argmax(-1))
