@@ -44,11 +44,16 @@ def parse() -> argparse.Namespace:
     p.add_argument("--unlabeled", type=int, default=0, help="also run with N unlabeled train sentences")
     p.add_argument("--unlabeled-file", action="append", default=[],
                    help="also run with this text file as the unlabeled pool (e.g. out-of-domain text); repeatable")
+    p.add_argument("--generator", default="smollm2", help="fscompile's --generator (none: the shots alone; rows are "
+                   "labelled when it is not the default)")
+    p.add_argument("--generate", type=int, default=None, help="fscompile's --generate (rows are labelled with it)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=None, help="fscompile's --batch-size (rows are labelled with it)")
     p.add_argument("--pools-only", action="store_true", help="only the --unlabeled/--unlabeled-file rows")
     p.add_argument("--lr", type=float, default=None, help="fscompile's --lr (rows are labelled with it)")
     p.add_argument("--embedding-bits", type=int, default=4, help="word-embedding bits of the artifact (4 or 8)")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                   help="fscompile's bf16 autocast while distilling (rows are labelled when not auto)")
     p.add_argument("--prune-heads", action="store_true", help="prune attention heads as well as FFN channels")
     p.add_argument("--ops", default=None, help="transfer-set augmentations (fscompile's --augment-ops); rows are labelled "
                    "'fscompile ops=...' so they sit next to the default ones")
@@ -213,7 +218,12 @@ def main() -> None:
                     record({**base, "method": "(d) teacher INT8", "layers": "-", **teacher_int8(teacher, task, work)})
                 for layers in args.layers.split(","):
                     keep: list[int] | None = None
-                    tag = ((f" ops={args.ops}" if args.ops else "") + (f" lr={args.lr:g}" if args.lr else "")
+                    tag = ((" shots only" if args.generator == "none" else
+                            f" generator={Path(args.generator).name}" if args.generator != "smollm2" else "")
+                           + (f" gen={args.generate}" if args.generate is not None else "")
+                           + (f" bf16={args.bf16}" if args.bf16 != "auto" else "")
+                           + (f" emb={args.embedding_bits}bit" if args.embedding_bits != 4 else "")
+                           + (f" ops={args.ops}" if args.ops else "") + (f" lr={args.lr:g}" if args.lr else "")
                            + (f" steps={args.steps}" if args.steps != 1000 else "")
                            + (f" batch={args.batch_size}" if args.batch_size else ""))
                     variants = [] if args.pools_only else [("fscompile" + tag, None)]
@@ -230,6 +240,8 @@ def main() -> None:
                         m = fscompile.compile(args.teacher, data=args.data, target="ort-int8", shots=shots, seed=seed,
                                               student_layers=layers, steps=args.steps, unlabeled=unl,
                                               embedding_bits=args.embedding_bits, prune_heads=args.prune_heads,
+                                              generator=args.generator, bf16=args.bf16,
+                                              **({"generate": args.generate} if args.generate is not None else {}),
                                               **({"lr": args.lr} if args.lr else {}),
                                               **({"batch_size": args.batch_size} if args.batch_size else {}),
                                               **({"ops": args.ops} if args.ops else {}),
@@ -242,6 +254,7 @@ def main() -> None:
                                 "compression": m["compression"]["size_ratio_vs_teacher"],
                                 "compile_s": time.perf_counter() - t, "timings": m["timings_s"],
                                 "teacher_s": m["distillation"].get("teacher_seconds"),
+                                "sources": m["distillation"].get("sources"),
                                 "layers_kept": m["student"]["layers_kept"], "prepare": m["student"]["prepare"],
                                 "b1_ms": m["profile"]["artifact"]["batch1"]["p50_ms"],
                                 "unpruned_b1_ms": m["verification"]["checks"].get("pruning_pays", {}).get("unpruned_ms")})

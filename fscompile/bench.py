@@ -46,6 +46,7 @@ class Sweep:
     student: str | None = None  # image tasks: student architecture
     weights: str | None = None  # image tasks: teacher state dict
     image_size: int | None = None
+    generator: str = "smollm2"  # text classification: the LM that writes in-domain inputs ("none": off)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> Sweep:
@@ -130,7 +131,7 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
     cfg = CompileConfig(teacher=sweep.teacher, data=sweep.data, target=sweep.targets[0], shots=shots, seed=seed,
                         prune=sweep.prune, max_eval=sweep.max_eval, profile_seconds=sweep.profile_seconds,
                         student_layers=sweep.student_layers, student=sweep.student, weights=sweep.weights,
-                        image_size=sweep.image_size, distill=DistillConfig(steps=sweep.steps))
+                        image_size=sweep.image_size, distill=DistillConfig(steps=sweep.steps, generator=sweep.generator))
     start = time.perf_counter()
     base = distill_stage(cfg, None, _quiet)
     distill_s = time.perf_counter() - start

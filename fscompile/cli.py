@@ -130,6 +130,11 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--unlabeled", type=click.Path(), help="Unlabelled text for the transfer set, labelled by the teacher: a .txt file (one per "
               "line) or anything --data accepts (a table, a directory, a Hub dataset); in-domain is best, but any "
               "text in the language helps. Evaluation rows are dropped. QA: questions on contexts (answers ignored).")
+@click.option("--generator", default="smollm2", show_default=True,
+              help="Text classification: a causal LM that writes new in-domain inputs from the shots for the teacher "
+              "to label (smollm2: SmolLM2-135M-Instruct, packaged; any local or Hub causal LM or .gguf file; none: off).")
+@click.option("--generate", type=int, help="How many texts the generator writes [default: derived from the shots' "
+              "length, 200-3,000; cached]; 0 turns generation off.")
 @click.option("--prune", default=0.2, show_default=True, type=float, help="Pruning rate, in the pattern the target accelerates.")
 @click.option("--prune-heads/--no-prune-heads", default=False, show_default=True,
               help="CPU targets: prune whole attention heads as well as FFN channels (measured: little speed "
@@ -172,7 +177,8 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
     try:
         from .config import CompileConfig
 
-        dist_keys = ("steps", "lr", "batch_size", "dropout", "temperature", "augment", "ops", "unlabeled", "max_length")
+        dist_keys = ("steps", "lr", "batch_size", "dropout", "temperature", "augment", "ops", "unlabeled", "generator",
+                     "generate", "max_length")
         try:
             dist = DistillConfig(**{k: opts.pop(k) for k in dist_keys})
             cfg = CompileConfig(teacher=teacher, distill=dist, **opts)
@@ -275,6 +281,8 @@ def _csv(kind):
 @click.option("--student", help="Image tasks: the student's torchvision architecture; text generation: a pretrained LM.")
 @click.option("--weights", help="Image tasks: a local state dict for the teacher architecture.")
 @click.option("--image-size", type=int, help="Image tasks: input side in pixels.")
+@click.option("--generator", help="Text classification: the LM that writes in-domain inputs (as for compile). "
+              "[default: smollm2]")
 @click.option("--no-peers", is_flag=True, help="Skip the peer pipelines.")
 @click.option("--jobs", default=1, show_default=True, type=int, help="Shot draws run in parallel processes.")
 @click.option("--ray", "use_ray", is_flag=True, help="Run each shot draw as a Ray task (RAY_ADDRESS for a cluster).")

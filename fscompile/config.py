@@ -36,6 +36,8 @@ class DistillConfig:
     mixup: float = 0.0  # share of steps that add a KD loss on embedding-space mixtures
     evals: int = 5  # validation checks for early stopping (0 = keep the last step)
     unlabeled: str | None = None  # optional pool of raw text: a file, a directory or a Hub dataset
+    generator: str = "smollm2"  # causal LM that writes in-domain inputs for the transfer set ("none": off)
+    generate: int | None = None  # how many texts it writes (None: derived from the shots' length, see generate.py)
     ops: str = "mask,drop,swap,mix,crop,vocab"  # augmentations, cycled over the variants
     max_length: int = 128
 
@@ -52,6 +54,10 @@ class DistillConfig:
             raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
         if self.augment < 0:
             raise ValueError(f"augment must be >= 0, got {self.augment}")
+        if self.generate is not None and self.generate < 0:
+            raise ValueError(f"--generate must be >= 0, got {self.generate}")
+        if not self.generator:
+            raise ValueError("--generator must name a model, or none")
         from .augment import OPS
 
         unknown = [o for o in self.ops.split(",") if o not in OPS]

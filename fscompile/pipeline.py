@@ -123,7 +123,7 @@ def _manifest(d: Distilled, adapter: TaskAdapter, backend: Backend, cfg: Compile
                     "prepare": student.info.get("prepare"), "weights_sha256": weights_sha256(student),
                     "embeddings": student.info.get("embeddings"),
                     "layer_selection": student.info.get("layer_selection"), "parameters": params["student"]},
-        "distillation": {**dataclasses.asdict(d.stats),
+        "distillation": {**dataclasses.asdict(d.stats), "sources": d.sources,
                          "transfer_origin": {o: transfer.count(o) for o in sorted(set(transfer))}},
         "artifact": {"dir": "model", "model_file": artifact.model_file, **artifact.info},
         "metrics": evaluation,

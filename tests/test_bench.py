@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from fscompile.bench import Sweep, load_results
 from fscompile.cli import main
 
-FAST = ["--steps", "3", "--profile-seconds", "0.05", "--max-eval", "20"]
+FAST = ["--steps", "3", "--profile-seconds", "0.05", "--max-eval", "20", "--generator", "none"]
 
 
 @pytest.fixture(scope="module")

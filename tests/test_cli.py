@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from fscompile.cli import main
 
-FAST = ["--steps", "4", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16"]
+FAST = ["--steps", "4", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16",
+        "--generator", "none"]
 
 
 def run(args):

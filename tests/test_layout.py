@@ -96,7 +96,8 @@ def test_pipeline_knows_tasks_only_through_the_adapter():
 
 def _compile(teacher: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "fscompile", str(teacher), "--shots", "4", "--out", str(out), "--steps", "4",
-            "--augment", "3", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16", *flags]
+            "--augment", "3", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16", "--generator", "none",
+            *flags]
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 

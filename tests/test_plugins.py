@@ -120,7 +120,7 @@ def test_trt_target_refused_without_export_only(tiny_teacher, tmp_path):
     if tensorrt_status()[0]:
         pytest.skip("TensorRT is available here")
     args = [str(tiny_teacher), "--target", "trt-int8", "--shots", "3", "--steps", "3", "--augment", "2",
-            "--profile-seconds", "0.05", "--seq-len", "16", "--out", str(tmp_path / "o")]
+            "--profile-seconds", "0.05", "--seq-len", "16", "--generator", "none", "--out", str(tmp_path / "o")]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 4 and "--export-only" in r.output and not (tmp_path / "o").exists()
     r = CliRunner().invoke(main, [*args, "--export-only", "--json"])

@@ -14,7 +14,7 @@ from fscompile.data import load_task_data
 from fscompile.errors import InputError
 
 FAST = ["--steps", "3", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.02", "--seq-len", "16",
-        "--max-eval", "10"]
+        "--max-eval", "10", "--generator", "none"]
 
 
 def invoke(args):
@@ -119,7 +119,7 @@ def test_stale_staging_from_a_killed_run_is_cleaned(tiny_teacher, tmp_path):
 
 
 def test_same_seed_same_everything(tiny_headless, tmp_path):
-    kw = dict(data=None, shots=3, steps=6, augment=2, profile_seconds=0.02, seq_len=16, max_eval=20)
+    kw = dict(data=None, shots=3, steps=6, augment=2, profile_seconds=0.02, seq_len=16, max_eval=20, generator="none")
     a = fscompile.compile(str(tiny_headless), out=tmp_path / "a", **kw)
     b = fscompile.compile(str(tiny_headless), out=tmp_path / "b", **kw)
     assert a["data"]["shot_indices"] == b["data"]["shot_indices"]
@@ -166,6 +166,7 @@ OPTION = st.sampled_from([
     ("--max-eval", st.integers(-1, 30)), ("--target", st.sampled_from(["ort-int8", "ort-fp32", "nope", "trt-fp16"])),
     ("--student-layers", st.sampled_from(["0", "1", "2", "9", "0,1", "a,b", "every-other", "-1"])),
     ("--calibration", st.sampled_from(["auto", "minmax", "bogus"])), ("--augment", st.integers(-1, 2)),
+    ("--generate", st.integers(-2, 3)),
 ])
 
 
@@ -174,7 +175,8 @@ OPTION = st.sampled_from([
 def test_fuzz_cli_options_never_traceback(tiny_teacher, tmp_path_factory, data):
     picks = data.draw(st.lists(OPTION, min_size=1, max_size=4, unique_by=lambda o: o[0]))
     args = [str(tiny_teacher), "--out", str(tmp_path_factory.mktemp("o") / "run"), "--batch-size", "4",
-            "--profile-seconds", "0.02", "--augment", "1", "--steps", "2", "--max-eval", "8", "--seq-len", "16"]
+            "--profile-seconds", "0.02", "--augment", "1", "--steps", "2", "--max-eval", "8", "--seq-len", "16",
+            "--generator", "none"]
     for name, values in picks:
         args += [name, str(data.draw(values))]
     FUZZ_COUNT["cli"] += 1
@@ -194,7 +196,7 @@ def test_zz_report_fuzz_counts():
 def test_fallback_ships_a_verified_variant(tiny_teacher, tmp_path):
     # a negative tolerance makes the accuracy check fail whatever the artifact does
     m = fscompile.compile(str(tiny_teacher), out=tmp_path / "o", shots=3, steps=3, augment=2, profile_seconds=0.02,
-                          seq_len=16, max_eval=10, fallback=True, tolerance=-1.0)
+                          seq_len=16, max_eval=10, fallback=True, tolerance=-1.0, generator="none")
     v = m["verification"]
     assert not v["ok"] and "accuracy_within_tolerance" in v["failed"] and v["fallback"]
     assert (tmp_path / "o" / "model" / "model.onnx").is_file() and not (tmp_path / "o" / "model.fp32").exists()

@@ -44,6 +44,7 @@ class Distilled:
     unpruned: Any | None
     timings: dict[str, float]
     checkpoint: Path | None = None
+    sources: dict[str, Any] | None = None  # what the student learnt from (counts per origin, generator)
 
 
 def prepare(student: Any, backend: Backend | None, cfg: CompileConfig) -> tuple[Any, Any | None]:

@@ -19,10 +19,11 @@ from ..augment import (
 from ..backends import Backend
 from ..calibration import Batches, CalibrationSet, batches_from_encodings, from_transfer
 from ..checkpoint import checkpoint_dir, resume_or_distill
-from ..config import CompileConfig
+from ..config import CompileConfig, DistillConfig
 from ..data import Example, TaskData, load_task_data, load_unlabeled
-from ..distill import distill, set_seed
+from ..distill import POOL_LR, distill, set_seed
 from ..evaluate import evaluate_all, metrics, predict, real_seq_len, torch_runner
+from ..generate import Generated, balance, cached_generate, default_count
 from ..models.text import (
     TextModel,
     align_labels,
@@ -77,13 +78,61 @@ def lexicon(task: TaskData, teacher: TextModel) -> Lexicon:
     return Lexicon(words, nearest_words(teacher.tokenizer, table, seen, words))
 
 
-def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig) -> TransferSet:
+def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig,
+                 generated: Generated | None = None) -> TransferSet:
+    """The shots, their augmented variants, any ``--unlabeled`` text and the ``generated`` texts."""
     unlabeled = None
     if cfg.distill.unlabeled:
         # more texts than the distillation steps can show is teacher time spent for nothing
         unlabeled = load_unlabeled(cfg.distill.unlabeled, task.eval + task.shots,
                                    cfg.distill.steps * cfg.distill.batch_size, cfg.seed)
-    return _grow(task, teacher, cfg, cfg.distill.augment, cfg.seed, unlabeled)
+    ts = _grow(task, teacher, cfg, cfg.distill.augment, cfg.seed, unlabeled)
+    if generated is not None and generated.texts:
+        ts.texts.extend(generated.texts)
+        if ts.pairs is not None:
+            ts.pairs.extend(generated.pairs or [""] * len(generated.texts))
+        ts.origin.extend(["generated"] * len(generated.texts))
+    return ts
+
+
+def generated_inputs(task: TaskData, teacher: TextModel, cfg: CompileConfig,
+                     progress: Progress) -> Generated | None:
+    """Inputs the generator LM writes from the shots (cached), balanced by the teacher's labels
+    so that no class starves; None with ``--generator none`` or ``--generate 0``."""
+    n = cfg.distill.generate if cfg.distill.generate is not None else default_count(task.shots)
+    if cfg.distill.generator == "none" or n == 0:
+        return None
+    gen = cached_generate(cfg.distill.generator, task.shots, n, cfg.seed, task.eval,
+                          trust_remote_code=cfg.trust_remote_code,
+                          progress=lambda d, t: progress("generate", d, t, f"{d} texts"))
+    if not gen.texts:
+        return gen
+    labels = predict(torch_runner(teacher), teacher.tokenizer, teacher.input_names,
+                     [Example(t, 0, p) for t, p in zip(gen.texts, gen.pairs or [None] * len(gen.texts))],
+                     cfg.distill.max_length).argmax(-1).tolist()
+    keep = balance(labels, len(teacher.label_names), cfg.seed)
+    gen.texts = [gen.texts[i] for i in keep]
+    gen.pairs = [gen.pairs[i] for i in keep] if gen.pairs is not None else None
+    return gen
+
+
+def distill_config(cfg: CompileConfig, transfer: TransferSet) -> DistillConfig:
+    """``cfg.distill``, at the pool learning rate when generated texts are in the transfer set and no
+    ``--lr`` was given (as with ``--unlabeled``): on SST-2 draw 0 with 600 generated texts, 2e-4 kept
+    0.8383 against 0.8245 at 5e-5 (shots alone: 0.8154)."""
+    if cfg.distill.lr is None and "generated" in transfer.origin:
+        return dataclasses.replace(cfg.distill, lr=POOL_LR)
+    return cfg.distill
+
+
+def sources(transfer: TransferSet, gen: Generated | None) -> dict[str, Any]:
+    """What the student learnt from, for the manifest and the report."""
+    out: dict[str, Any] = {o: transfer.origin.count(o) for o in ("shot", "unlabeled", "generated")}
+    out["augmented"] = sum(o.startswith("aug:") for o in transfer.origin)
+    if gen is not None:
+        out["generator"] = {"name": gen.generator, "kept": len(gen.texts), "sampled": gen.sampled,
+                            "seconds": round(gen.seconds, 1), "cached": gen.cached}
+    return out
 
 
 def choose_layers(teacher: TextModel, transfer: TransferSet, cfg: CompileConfig,
@@ -102,11 +151,11 @@ def choose_layers(teacher: TextModel, transfer: TransferSet, cfg: CompileConfig,
 
 
 def hold_out_unlabeled(transfer: TransferSet, seed: int, size: int = 256) -> tuple[TransferSet, TransferSet | None]:
-    """With --unlabeled text, a quarter of it (at most ``size`` texts) set apart for early
+    """With --unlabeled or generated text, a quarter of it (at most ``size`` texts) set apart for early
     stopping, as the QA task does with its question pool: agreement on fresh variants of the
     shots saturates near 98% and says little about real inputs; held-out real text does.
     Returns (the transfer set without them, the held-out texts or None)."""
-    pool = [i for i, o in enumerate(transfer.origin) if o == "unlabeled"]
+    pool = [i for i, o in enumerate(transfer.origin) if o in ("unlabeled", "generated")]
     k = min(size, len(pool) // 4)
     if not k:
         return transfer, None
@@ -150,8 +199,12 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
         task = to_teacher_labels(task, teacher)
     with timed(timings, "adapt teacher", progress):
         adaptation = adapt(teacher, task, cfg)
+    with timed(timings, "generate", progress):
+        gen = generated_inputs(task, teacher, cfg, progress)
     with timed(timings, "derive student", progress):
-        transfer, held = hold_out_unlabeled(transfer_set(task, teacher, cfg), cfg.seed, 256 if cfg.distill.evals else 0)
+        transfer = transfer_set(task, teacher, cfg, gen)
+        learnt_from = sources(transfer, gen)
+        transfer, held = hold_out_unlabeled(transfer, cfg.seed, 256 if cfg.distill.evals else 0)
         keep, selection = choose_layers(teacher, transfer, cfg)
         student, keep = derive_student(teacher, keep)
         student.info["layer_selection"] = selection
@@ -161,10 +214,11 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
     ckpt = checkpoint_dir(cfg, backend)
     with timed(timings, "distill", progress):
         student, stats = resume_or_distill(ckpt, student, progress, lambda: distill(
-            teacher, student, transfer, keep, cfg.distill, cfg.seed,
+            teacher, student, transfer, keep, distill_config(cfg, transfer), cfg.seed,
             validation=(held or validation_set(task, teacher, cfg)) if cfg.distill.evals else None,
             progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}")))
-    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt)
+    return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt,
+                     learnt_from)
 
 
 class TextClassificationTask:
@@ -177,7 +231,8 @@ class TextClassificationTask:
 
     def retarget(self, d: Distilled, backend: Backend, cfg: CompileConfig, steps: int,
                  progress: Progress) -> Distilled:
-        return recovered(d, backend, cfg, steps, progress,
+        pool = dataclasses.replace(cfg, distill=distill_config(cfg, d.transfer))
+        return recovered(d, backend, pool, steps, progress,
                          lambda student, dcfg: distill(d.teacher, student, d.transfer, d.keep, dcfg, cfg.seed))
 
     def calibration(self, d: Distilled, cfg: CompileConfig) -> CalibrationSet:
