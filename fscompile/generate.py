@@ -24,6 +24,7 @@ from typing import Any
 from .data import Example
 from .distill import use_bf16
 from .errors import InputError
+from .models.base import short_error
 
 DEFAULT_GENERATOR = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +51,7 @@ class Generated:
     texts: list[str]
     pairs: list[str] | None
     generator: str
-    sampled: int  # completions parsed, before the filters
+    sampled: int  # items parsed from the completions, before the filters
     seconds: float
     cached: bool = False
 
@@ -87,11 +88,10 @@ class Generator:
             kw["gguf_file"] = gguf
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-            # fp32: a GGUF loads dequantized; bf16 casts cost more than they save at this size
+            # a GGUF loads dequantized, fastest in fp32 (cast to bf16 below where the CPU has bf16 units)
             self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw).eval()
         except (OSError, ValueError, ImportError) as e:
-            msg = " ".join(str(e).split())[:200]
-            raise InputError(f"cannot load generator {spec!r}: {msg}") from None
+            raise InputError(f"cannot load generator {spec!r}: {short_error(e)}") from None
         self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
@@ -122,6 +122,11 @@ class Generator:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
+
+
+def _written(shot: Example) -> str:
+    """The part of a shot the generator writes: the text, or a sentence pair's second part."""
+    return (shot.text_pair if shot.text_pair is not None else shot.text) or ""
 
 
 def _one_line(text: str) -> str:
@@ -176,22 +181,23 @@ def generate(gen: Generator, shots: list[Example], n: int, seed: int, exclude: l
     """About ``n`` new inputs (fewer if the generator keeps repeating itself), half from prompts of one
     class (the classes in turn, so none starves) and half from mixed prompts."""
     is_pair = any(s.text_pair is not None for s in shots)
-    lengths = [len(s.text_pair.split()) if is_pair and s.text_pair else len(s.text.split()) for s in shots]
+    parts = [_written(s) for s in shots]
+    lengths = [len(t.split()) for t in parts]
     words = (max(1, min(lengths) // 2), max(lengths) * 3 // 2 + 2)
-    sizes = [gen.count_tokens((s.text_pair if is_pair else s.text) or "") for s in shots]
+    sizes = [gen.count_tokens(t) for t in parts]
     # a list completion holds about four items of the shots' mean length; a pair completion one B line
     max_new = min(256, (max(sizes) + 4) if is_pair else (sum(sizes) // len(sizes) + 4) * 4)
     batch_size = min(gen.batch_size, max(8, n // 2))  # a completion yields about two kept items
     seen = {_norm(t) for e in [*shots, *exclude] for t in (e.text, e.text_pair) if t}
     labels = sorted({s.label for s in shots})
     rng = random.Random(seed)
-    texts: list[str] = []
-    pairs: list[str] = []
+    written: list[str] = []  # what the generator wrote: the texts, or the pairs' second parts
+    firsts: list[str] = []  # for pairs, the shot's first part each one answers
     sampled, t0, stale = 0, time.perf_counter(), 0
-    while len(texts) < n and stale < 3:  # three batches that add nothing: the generator has run dry
-        chosen = [None if i % 2 else labels[(len(texts) + i) % len(labels)] for i in range(batch_size)]
+    while len(written) < n and stale < 3:  # three batches that add nothing: the generator has run dry
+        chosen = [None if i % 2 else labels[(len(written) + i) % len(labels)] for i in range(batch_size)]
         prompts = [build_prompt(shots, rng, c) for c in chosen]
-        before = len(texts)
+        before = len(written)
         for prompt, completion in zip(prompts, gen.sample(prompts, max_new, rng.randrange(2**31))):
             for item in parse(completion, is_pair):
                 sampled += 1
@@ -199,15 +205,16 @@ def generate(gen: Generator, shots: list[Example], n: int, seed: int, exclude: l
                 if key in seen or not plausible(item, words):
                     continue
                 seen.add(key)
-                texts.append(item)
+                written.append(item)
                 if is_pair:  # the B line answers the A the prompt ended with
-                    pairs.append(prompt.rsplit("A: ", 1)[1].split("\nB:", 1)[0])
-        stale = stale + 1 if len(texts) == before else 0
+                    firsts.append(prompt.rsplit("A: ", 1)[1].split("\nB:", 1)[0])
+        stale = stale + 1 if len(written) == before else 0
         if progress:
-            progress(min(len(texts), n), n)
-    if is_pair:  # the generated part is the pair's second text
-        texts, pairs = pairs[:n], texts[:n]
-    return Generated(texts[:n], pairs[:n] if is_pair else None, gen.spec, sampled, time.perf_counter() - t0)
+            progress(min(len(written), n), n)
+    seconds = time.perf_counter() - t0
+    if is_pair:
+        return Generated(firsts[:n], written[:n], gen.spec, sampled, seconds)
+    return Generated(written[:n], None, gen.spec, sampled, seconds)
 
 
 def balance(labels: list[int], n_classes: int, seed: int, cap: float = 2.0) -> list[int]:
@@ -230,8 +237,7 @@ def default_count(shots: list[Example]) -> int:
     """How many texts to generate when ``--generate`` is not given: what :data:`TOKEN_BUDGET` buys at
     the shots' mean length (about 1.4 tokens a word plus the list marker, times :data:`COST_PER_TOKEN`),
     between 100 and 3,000: about 2,500 for SST-2's phrases, 280 for 128-token reviews (half without bf16)."""
-    parts = [(s.text_pair if s.text_pair is not None else s.text) or "" for s in shots]
-    tokens = 1.4 * sum(len(t.split()) for t in parts) / max(1, len(parts)) + 3
+    tokens = 1.4 * sum(len(_written(s).split()) for s in shots) / max(1, len(shots)) + 3
     budget = TOKEN_BUDGET if use_bf16("auto") else TOKEN_BUDGET // 2
     return int(min(3000, max(100, budget / (COST_PER_TOKEN * tokens))))
 
