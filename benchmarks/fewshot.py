@@ -47,7 +47,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--generator", default="smollm2", help="fscompile's --generator (none: the shots alone; rows are "
                    "labelled when it is not the default)")
     p.add_argument("--generate", type=int, default=None, help="fscompile's --generate (rows are labelled with it)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None, help="fscompile's --steps (rows are labelled with it)")
     p.add_argument("--batch-size", type=int, default=None, help="fscompile's --batch-size (rows are labelled with it)")
     p.add_argument("--pools-only", action="store_true", help="only the --unlabeled/--unlabeled-file rows")
     p.add_argument("--lr", type=float, default=None, help="fscompile's --lr (rows are labelled with it)")
@@ -224,7 +224,7 @@ def main() -> None:
                            + (f" bf16={args.bf16}" if args.bf16 != "auto" else "")
                            + (f" emb={args.embedding_bits}bit" if args.embedding_bits != 4 else "")
                            + (f" ops={args.ops}" if args.ops else "") + (f" lr={args.lr:g}" if args.lr else "")
-                           + (f" steps={args.steps}" if args.steps != 1000 else "")
+                           + (f" steps={args.steps}" if args.steps else "")
                            + (f" batch={args.batch_size}" if args.batch_size else ""))
                     variants = [] if args.pools_only else [("fscompile" + tag, None)]
                     if args.unlabeled:

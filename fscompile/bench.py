@@ -36,7 +36,7 @@ class Sweep:
     targets: tuple[str, ...] = ("ort-int8",)
     shots: tuple[int, ...] = (5, 10, 20)
     seeds: int = 5
-    steps: int = 1000
+    steps: int | None = None  # None: a compile's default (DistillConfig.resolved)
     recovery_steps: int = 200
     prune: float = 0.2
     max_eval: int | None = None
@@ -142,7 +142,7 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
         tcfg = dataclasses.replace(cfg, target=target, export_only=not backend.available()[0])
         t = time.perf_counter()
         # the recovery never outlasts the distillation itself (short sweeps stay short)
-        d = retarget(base, backend, tcfg, min(sweep.recovery_steps, sweep.steps), _quiet)
+        d = retarget(base, backend, tcfg, min(sweep.recovery_steps, base.stats.steps), _quiet)
         # target names come from plugins: keep them from naming a path outside the results directory
         run_dir = out_dir / "runs" / f"{shots}shot-seed{seed}-{re.sub(r'[^A-Za-z0-9_.-]', '_', target).lstrip('.')}"
         run_dir.mkdir(parents=True, exist_ok=True)

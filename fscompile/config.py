@@ -19,11 +19,14 @@ TEACHER_ALIASES: dict[str, str] = {
 TASKS = ("auto", "text-classification", "image-classification", "question-answering", "text-generation")
 
 
+DEFAULT_STEPS = 1000
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Few-shot distillation hyper-parameters."""
 
-    steps: int = 1000
+    steps: int | None = None  # None = DEFAULT_STEPS, fewer for long text inputs (distill.text_steps)
     lr: float | None = None  # None = the task's default (5e-5 text, 2e-4 with unlabeled text, 1e-3 image students)
     batch_size: int = 16
     temperature: float = 2.0
@@ -43,7 +46,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError("--lr must be > 0")
@@ -64,6 +67,11 @@ class DistillConfig:
         if unknown or not self.ops:
             raise ValueError(f"--augment-ops: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(OPS)} "
                              "(comma-separated, cycled over the variants; repeat one to weight it)")
+
+    def resolved(self, derived: int | None = None) -> DistillConfig:
+        """This config with its step count settled: ``--steps``, else ``derived`` (the task's rule),
+        else :data:`DEFAULT_STEPS`."""
+        return dataclasses.replace(self, steps=self.steps or derived or DEFAULT_STEPS)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,14 @@ from .models.base import short_error
 DEFAULT_GENERATOR = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # bump when prompts or filters change: the cache key includes it
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SHOTS_PER_PROMPT = 6
+# Long shots: fewer per prompt, so a prompt stays near 400 tokens, and fewer prompts per batch, so a
+# batch holds about 24k prompt and new tokens. On 146-token paragraphs six shots a prompt (815 tokens)
+# cost 0.75 s a kept item against 0.45 s with three, and a batch of 114 such prompts (an 8 GB KV cache)
+# ran for over nine minutes, against 100 s for 249 items at batch 64. Short shots are unaffected.
+PROMPT_TOKENS = 400
+BATCH_TOKENS = 24_000
 # Sampling: min-p (keep tokens at least 5% as likely as the best one) rather than top-p: the same
 # kind of truncation without sorting the 49k-token vocabulary every step, which was a quarter of the
 # time (SmolLM2, batch 128, this CPU: 418 new tokens/s against 296 with top-p 0.95; bf16 autocast).
@@ -40,8 +46,13 @@ MIN_P = 0.05
 # 170 s with SmolLM2 in bf16 at batch 128 on the 2-core AMX Xeon, so the default compile stays under
 # 5 minutes (266-278 s; about 800 texts: 153-188 s, 0.7 points less). Without bf16 units the generator
 # runs in fp32, more slowly: half the budget there.
+# Texts longer than LONG_TOKENS cost more per token (longer contexts, fewer whole items per completion:
+# 146-token paragraphs, 0.77 s a kept text, 40% more per token than SST-2's) and their distillation
+# costs more too: their count is divided by tokens / LONG_TOKENS as well (at 0.5 of that power, 169
+# paragraphs took 130 s of a 358 s compile).
 TOKEN_BUDGET = 150_000
 COST_PER_TOKEN = 4
+LONG_TOKENS = 64
 
 
 @dataclass
@@ -105,7 +116,8 @@ class Generator:
         self.batch_size = 128 if self.bf16 else 64  # throughput flattens beyond (446 vs 430 tok/s at 256)
 
     def sample(self, prompts: list[str], max_new_tokens: int, seed: int, temperature: float = 1.0) -> list[str]:
-        """One sampled continuation per prompt (special tokens dropped)."""
+        """One sampled continuation per prompt (special tokens dropped; a line end added where it
+        stopped at end-of-text, so that its last item counts as ended)."""
         import torch
 
         # within the model's context: the prompts' oldest items go first (the open item is at the end)
@@ -118,7 +130,11 @@ class Generator:
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                       top_p=1.0, top_k=0, min_p=MIN_P, pad_token_id=self.tokenizer.pad_token_id)
         new = out[:, enc["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        # a completion that stopped at end-of-text ended its last item: mark it as a line end
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, list) else [eos if eos is not None else -1])
+        return [t + "\n" if done else t for t, done in zip(texts, torch.isin(new, eos).any(-1).tolist())]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
@@ -145,13 +161,14 @@ def build_prompt(shots: list[Example], rng: random.Random, label: int | None, k:
 
 
 def parse(completion: str, pairs: bool) -> list[str]:
-    """The items a completion wrote: each bullet line of a list (the last one only if it ended),
-    or for pairs the B line."""
+    """The items a completion wrote: each bullet line of a list that ended (an item cut off at the
+    token limit is not a whole input), or for pairs the B line."""
     if pairs:
         line = completion.split("\n", 1)[0]
         return [line.strip()] if "\n" in completion else []
     lines = completion.split("\n")
-    items = [lines[0]] + [ln[1:] for ln in lines[1:-1] if ln.startswith("-")]
+    ended = lines[:-1]  # the last line has not ended
+    items = ended[:1] + [ln[1:] for ln in ended[1:] if ln.startswith("-")]
     return [_one_line(t) for t in items if t.strip()]
 
 
@@ -187,7 +204,10 @@ def generate(gen: Generator, shots: list[Example], n: int, seed: int, exclude: l
     sizes = [gen.count_tokens(t) for t in parts]
     # a list completion holds about four items of the shots' mean length; a pair completion one B line
     max_new = min(256, (max(sizes) + 4) if is_pair else (sum(sizes) // len(sizes) + 4) * 4)
-    batch_size = min(gen.batch_size, max(8, n // 2))  # a completion yields about two kept items
+    shown = sum(gen.count_tokens(s.text) + gen.count_tokens(s.text_pair or "") for s in shots) // len(shots) + 4
+    k = max(2, min(SHOTS_PER_PROMPT, PROMPT_TOKENS // shown))  # shots per prompt
+    batch_size = min(gen.batch_size, max(8, n // 2),  # a completion yields about two kept items
+                     max(8, BATCH_TOKENS // (k * shown + max_new)))
     seen = {_norm(t) for e in [*shots, *exclude] for t in (e.text, e.text_pair) if t}
     labels = sorted({s.label for s in shots})
     rng = random.Random(seed)
@@ -196,7 +216,7 @@ def generate(gen: Generator, shots: list[Example], n: int, seed: int, exclude: l
     sampled, t0, stale = 0, time.perf_counter(), 0
     while len(written) < n and stale < 3:  # three batches that add nothing: the generator has run dry
         chosen = [None if i % 2 else labels[(len(written) + i) % len(labels)] for i in range(batch_size)]
-        prompts = [build_prompt(shots, rng, c) for c in chosen]
+        prompts = [build_prompt(shots, rng, c, k) for c in chosen]
         before = len(written)
         for prompt, completion in zip(prompts, gen.sample(prompts, max_new, rng.randrange(2**31))):
             for item in parse(completion, is_pair):
@@ -236,10 +256,11 @@ def balance(labels: list[int], n_classes: int, seed: int, cap: float = 2.0) -> l
 def default_count(shots: list[Example]) -> int:
     """How many texts to generate when ``--generate`` is not given: what :data:`TOKEN_BUDGET` buys at
     the shots' mean length (about 1.4 tokens a word plus the list marker, times :data:`COST_PER_TOKEN`),
-    between 100 and 3,000: about 2,500 for SST-2's phrases, 280 for 128-token reviews (half without bf16)."""
+    fewer for long texts (:data:`LONG_TOKENS`), between 100 and 3,000: about 2,500 for SST-2's phrases,
+    820 for AG News descriptions, 100 for 146-token paragraphs (half as many without bf16)."""
     tokens = 1.4 * sum(len(_written(s).split()) for s in shots) / max(1, len(shots)) + 3
     budget = TOKEN_BUDGET if use_bf16("auto") else TOKEN_BUDGET // 2
-    return int(min(3000, max(100, budget / (COST_PER_TOKEN * tokens))))
+    return int(min(3000, max(100, budget / (COST_PER_TOKEN * tokens * max(1.0, tokens / LONG_TOKENS)))))
 
 
 def cache_path(spec: str, shots: list[Example], n: int, seed: int) -> Path:

@@ -39,7 +39,8 @@ def test_prompts_are_lists_of_shuffled_shots_of_one_class_or_any():
 
 def test_parse_keeps_finished_items_only():
     assert parse(" a fine film\n- a dull one\n- cut off he", pairs=False) == ["a fine film", "a dull one"]
-    assert parse(" only a fragment", pairs=False) == ["only a fragment"]
+    assert parse(" only a fragment", pairs=False) == []  # cut off at the token limit
+    assert parse(" one whole item\n", pairs=False) == ["one whole item"]  # ended at end-of-text
     assert parse(" it is large.\n\nA: next", pairs=True) == ["it is large."]
     assert parse(" never ended", pairs=True) == []
 

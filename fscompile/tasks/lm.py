@@ -119,6 +119,7 @@ def distill_lm(teacher: LMModel, student: LMModel, transfer: TokenTransfer, keep
                seed: int, progress: Callable[[int, int, float], None] | None = None,
                validation: list[list[int]] | None = None) -> DistillStats:
     """KD on next-token distributions + hidden matching; early stopping on top-1 agreement."""
+    cfg = cfg.resolved()
     start_t = time.perf_counter()
     set_seed(seed)
     pad = student.tokenizer.pad_token_id

@@ -224,6 +224,7 @@ def distill_qa(teacher: QAModel, student: QAModel, texts: list[str], pairs: list
                progress: Callable[[int, int, float], None] | None = None,
                validation: tuple[list[str], list[str]] | None = None) -> DistillStats:
     """KD on span distributions + hidden-state matching of each kept layer to its teacher layer."""
+    cfg = cfg.resolved()
     start_t = time.perf_counter()
     set_seed(seed)
     tok = student.tokenizer
@@ -337,7 +338,7 @@ class QuestionAnsweringTask:
                 # a quarter (at most 256) held out: early stopping then scores new contexts, not the shots'
                 held = [pool[i] for i in order[:min(256, len(pool) // 4)]]
                 # at most steps x batch questions train: more is teacher time the distillation cannot show
-                for i in order[len(held):len(held) + cfg.distill.steps * cfg.distill.batch_size]:
+                for i in order[len(held):len(held) + cfg.distill.resolved().steps * cfg.distill.batch_size]:
                     transfer.texts.append(pool[i][0])
                     transfer.pairs.append(pool[i][1])
                     transfer.origin.append("unlabeled")

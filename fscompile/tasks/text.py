@@ -85,7 +85,7 @@ def transfer_set(task: TaskData, teacher: TextModel, cfg: CompileConfig,
     if cfg.distill.unlabeled:
         # more texts than the distillation steps can show is teacher time spent for nothing
         unlabeled = load_unlabeled(cfg.distill.unlabeled, task.eval + task.shots,
-                                   cfg.distill.steps * cfg.distill.batch_size, cfg.seed)
+                                   cfg.distill.resolved().steps * cfg.distill.batch_size, cfg.seed)
     ts = _grow(task, teacher, cfg, cfg.distill.augment, cfg.seed, unlabeled)
     if generated is not None and generated.texts:
         ts.texts.extend(generated.texts)

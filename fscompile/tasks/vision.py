@@ -145,6 +145,7 @@ def distill_images(teacher: ImageModel, student: ImageModel, task: ImageTaskData
                    validation: torch.Tensor | None = None) -> DistillStats:
     """KD on the teacher's logits over fresh augmented views each step; with ``validation``
     (views never trained on) the checkpoint that agrees best with the teacher is kept."""
+    cfg = cfg.resolved()
     start = time.perf_counter()
     set_seed(seed)
     shots = to_uint8(student, [e.image for e in task.shots])
