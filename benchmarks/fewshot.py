@@ -254,6 +254,7 @@ def main() -> None:
                                 "compression": m["compression"]["size_ratio_vs_teacher"],
                                 "compile_s": time.perf_counter() - t, "timings": m["timings_s"],
                                 "teacher_s": m["distillation"].get("teacher_seconds"),
+                                "steps": m["distillation"]["steps"], "best_step": m["distillation"]["best_step"],
                                 "sources": m["distillation"].get("sources"),
                                 "layers_kept": m["student"]["layers_kept"], "prepare": m["student"]["prepare"],
                                 "b1_ms": m["profile"]["artifact"]["batch1"]["p50_ms"],

@@ -46,10 +46,12 @@ MIN_P = 0.05
 # 170 s with SmolLM2 in bf16 at batch 128 on the 2-core AMX Xeon, so the default compile stays under
 # 5 minutes (266-278 s; about 800 texts: 153-188 s, 0.7 points less). Without bf16 units the generator
 # runs in fp32, more slowly: half the budget there.
-# Texts longer than LONG_TOKENS cost more per token (longer contexts, fewer whole items per completion:
-# 146-token paragraphs, 0.77 s a kept text, 40% more per token than SST-2's) and their distillation
-# costs more too: their count is divided by tokens / LONG_TOKENS as well (at 0.5 of that power, 169
-# paragraphs took 130 s of a 358 s compile).
+# Texts longer than LONG_TOKENS cost more per token (longer prompts and contexts, smaller batches, fewer
+# whole items per completion: 4.4 ms a token for AG News' 46-token descriptions and 4.6 for 146-token
+# paragraphs against 3.5 for SST-2's phrases) and their distillation costs more too: their count is
+# divided by tokens / LONG_TOKENS as well (at 0.5 of that power, 169 paragraphs took 130 s of a 358 s
+# compile). With 32 here AG News got 528-670 texts and kept 0.4 points less (0.8747 against 0.8786 on
+# draws 0-2) in 314-392 s instead of 353-367 s: 64 it stays.
 TOKEN_BUDGET = 150_000
 COST_PER_TOKEN = 4
 LONG_TOKENS = 64
@@ -257,7 +259,7 @@ def default_count(shots: list[Example]) -> int:
     """How many texts to generate when ``--generate`` is not given: what :data:`TOKEN_BUDGET` buys at
     the shots' mean length (about 1.4 tokens a word plus the list marker, times :data:`COST_PER_TOKEN`),
     fewer for long texts (:data:`LONG_TOKENS`), between 100 and 3,000: about 2,500 for SST-2's phrases,
-    820 for AG News descriptions, 100 for 146-token paragraphs (half as many without bf16)."""
+    820 for AG News descriptions, 110 for 146-token paragraphs (half as many without bf16)."""
     tokens = 1.4 * sum(len(_written(s).split()) for s in shots) / max(1, len(shots)) + 3
     budget = TOKEN_BUDGET if use_bf16("auto") else TOKEN_BUDGET // 2
     return int(min(3000, max(100, budget / (COST_PER_TOKEN * tokens * max(1.0, tokens / LONG_TOKENS)))))

@@ -4,9 +4,17 @@ import numpy as np
 import torch
 
 from fscompile.augment import OPS, augment_text, build_transfer_set
-from fscompile.config import DistillConfig
+from fscompile.config import DEFAULT_STEPS, DistillConfig
 from fscompile.data import Example
-from fscompile.distill import EpochSampler, attention_loss, distill, hidden_loss, kd_loss, set_dropout
+from fscompile.distill import (
+    EpochSampler,
+    attention_loss,
+    distill,
+    hidden_loss,
+    kd_loss,
+    set_dropout,
+    text_steps,
+)
 from fscompile.models.text import derive_student, load_teacher, parse_layers, prune_ffn
 
 SHOTS = [Example("the film was wonderful and warm", 1), Example("a dull and tedious film", 0),
@@ -166,6 +174,15 @@ def test_distillation_moves_student_towards_teacher(tiny_headless):
     stats = distill(teacher, student, ts, keep, DistillConfig(steps=60, lr=1e-3, batch_size=8), seed=0)
     assert stats.steps == 60 and stats.layer_map == [(0, 3)]
     assert gap() < before * 0.5
+
+
+def test_text_steps_follow_the_inputs_length():
+    assert text_steps([20] * 50) == DEFAULT_STEPS  # short inputs: the plan's 1000
+    assert text_steps([96] * 50) == DEFAULT_STEPS // 2  # twice 48 tokens: half the steps
+    assert text_steps([512] * 50) == 300  # never below the floor
+    assert DistillConfig().resolved(text_steps([96])).steps == 500
+    assert DistillConfig(steps=7).resolved(text_steps([96])).steps == 7  # --steps wins
+    assert DistillConfig().resolved().steps == DEFAULT_STEPS
 
 
 def test_distillation_is_deterministic(tiny_teacher):

@@ -66,8 +66,10 @@ def test_balance_caps_a_dominant_class():
 
 def test_default_count_follows_input_length():
     short = default_count(SHOTS)
-    long = default_count([Example(" ".join(["word"] * 120), 0)])
-    assert 100 <= long < short <= 3000
+    medium = default_count([Example(" ".join(["word"] * 40), 0)])  # 59 tokens: in proportion
+    long = default_count([Example(" ".join(["word"] * 80), 0)])  # 115 tokens: divided again by 115/64
+    assert 100 <= long < medium < short <= 3000
+    assert long < medium * (1.4 * 40 + 3) / (1.4 * 80 + 3) / 1.5
 
 
 def test_generator_specs_refuse_in_one_line(tmp_path):
