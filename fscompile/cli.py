@@ -135,7 +135,7 @@ def _fail(e: BaseException, debug: bool) -> None:
               help="Text classification: a causal LM that writes new in-domain inputs from the shots for the teacher "
               "to label (smollm2: SmolLM2-135M-Instruct, packaged; any local or Hub causal LM or .gguf file; none: off).")
 @click.option("--generate", type=int, help="How many texts the generator writes [default: derived from the shots' "
-              "length, 200-3,000; cached]; 0 turns generation off.")
+              "length, fewer for long texts, 100-3,000; cached]; 0 turns generation off.")
 @click.option("--prune", default=0.2, show_default=True, type=float, help="Pruning rate, in the pattern the target accelerates.")
 @click.option("--prune-heads/--no-prune-heads", default=False, show_default=True,
               help="CPU targets: prune whole attention heads as well as FFN channels (measured: little speed "
