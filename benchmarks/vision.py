@@ -1,13 +1,17 @@
-"""Image classification through fscompile (issue 6): a teacher trained here, distilled from a few shots.
+"""Image classification through fscompile: a pretrained or trained-here teacher, distilled from a few shots.
 
-    python benchmarks/vision.py --dataset cifar10 --epochs 8 --seeds 3 --out bench-out/vision-cifar10
-    python benchmarks/vision.py --dataset mnist --epochs 2 --seeds 3 --out bench-out/vision-mnist
+    python benchmarks/vision.py --dataset cifar10 --teacher-arch cifar_resnet56 \
+        --teacher-weights ../shared/teachers/cifar10-resnet/resnet56-4bfd9763.th \
+        --students default,mobilenet_v3_small --seeds 3 --out bench-out/vision-cifar10-resnet56
+    python benchmarks/vision.py --dataset mnist --epochs 15 --seeds 3 --out bench-out/vision-mnist
 
 Only test splits are stored in ../shared/data, so each is cut in two, per class and seeded: part A
-trains the teacher (torchvision resnet18, from scratch, here on the CPU) and is where the shots are
-drawn from; part B is never seen by anyone and is the evaluation set. Then, per draw, in one run:
-  fscompile      resnet18 teacher -> student (mobilenet_v3_small), KD on augmented views, ORT INT8
-  (a) CE on shots the same student architecture trained on the shots alone, no teacher
+is where the shots are drawn from (and, without --teacher-weights, trains the teacher: torchvision
+resnet18 from scratch, here on the CPU); part B is never seen by anyone and is the evaluation set.
+Then, per draw, in one run:
+  fscompile      teacher -> each student of --students ("default": what fscompile derives, e.g. a
+                 CIFAR ResNet with half its blocks), KD on augmented views, ORT INT8
+  (a) CE on shots the same student, from the same start, trained on the shots alone, no teacher
   (c) teacher    the teacher itself (PyTorch fp32), on part B
 Writes results.jsonl, table.md and table.json. Paths default to ../shared (FSCOMPILE_SHARED).
 """
@@ -24,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, SHARED, Results  # noqa: E402
+
 SOURCES = {"cifar10": SHARED / "data/cifar10/cifar10_test_jpeg_q75.tar.gz", "mnist": SHARED / "data/mnist"}
 
 
@@ -32,12 +37,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dataset", choices=sorted(SOURCES), default="cifar10")
     p.add_argument("--source", help="override the data file/folder")
     p.add_argument("--teacher-arch", default="resnet18")
-    p.add_argument("--student", default="mobilenet_v3_small")
+    p.add_argument("--students", default="default",
+                   help="comma-separated students: 'default' (fscompile's choice) or architecture names")
     p.add_argument("--epochs", type=int, default=8, help="teacher training epochs on part A")
-    p.add_argument("--teacher-weights", help="reuse a teacher this script trained before (same split)")
+    p.add_argument("--teacher-weights", help="a pretrained teacher, or one this script trained before (no training)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: fscompile's)")
+    p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: fscompile's)")
     p.add_argument("--max-eval", type=int, default=None)
     p.add_argument("--out", default=None)
     return p.parse_args()
@@ -98,14 +105,16 @@ def train_teacher(root: Path, classes: list[str], arch: str, epochs: int, path: 
     return {"teacher_train_s": time.perf_counter() - t, "teacher_steps": steps, "image_size": size}
 
 
-def ce_on_shots(task, student_arch: str, size: int, seed: int, steps: int = 300) -> float:
-    """Baseline (a): the student architecture trained on the shots alone (same augmentations)."""
+def ce_on_shots(task, teacher, student: str | None, seed: int, steps: int = 300) -> float:
+    """Baseline (a): the student fscompile would start from (``student``: None for its default),
+    trained on the shots alone with the same augmentations, at fscompile's learning rate."""
     import torch
 
     from fscompile.distill import set_seed
     from fscompile.evaluate import metrics
-    from fscompile.models.vision import ImageClassifier, ImageModel, build_arch
+    from fscompile.models.vision import derive_image_student
     from fscompile.tasks.vision import (
+        VISION_LR,
         Augmenter,
         predict_images,
         recalibrate_batchnorm,
@@ -115,12 +124,11 @@ def ce_on_shots(task, student_arch: str, size: int, seed: int, steps: int = 300)
     )
 
     set_seed(seed)
-    model = ImageModel(ImageClassifier(build_arch(student_arch, task.num_labels)), student_arch, task.label_names,
-                       "baseline", size)
+    model = derive_image_student(teacher, student)
     shots = to_uint8(model, [e.image for e in task.shots])
     labels = torch.tensor([e.label for e in task.shots])
     aug = Augmenter(model, task.num_labels, seed, mix=0.0)
-    opt = torch.optim.AdamW(model.module.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.module.parameters(), lr=VISION_LR, weight_decay=0.05)
     model.module.train()
     for _ in range(steps):
         idx = torch.randint(0, len(shots), (32,))
@@ -139,6 +147,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import fscompile
     from fscompile.data.images import load_image_task
+    from fscompile.models.vision import load_image_teacher
 
     out = Path(args.out or REPO / f"bench-out/vision-{args.dataset}")
     results = Results(out)
@@ -149,36 +158,42 @@ def main() -> None:
         classes = split_to_folders(Path(args.source or SOURCES[args.dataset]), root)
         weights = Path(tmp) / "teacher.pt"
         if args.teacher_weights:
-            import shutil
-
-            shutil.copy(args.teacher_weights, weights)
-            info = {"teacher_steps": f"{args.epochs} epochs (reused)", "image_size": 32}  # train_teacher: at least 32 px
+            weights = Path(args.teacher_weights).resolve()
+            info = {"teacher": f"{args.teacher_arch} {weights.name} (not trained here)", "image_size": 32}
         else:
             info = train_teacher(root, classes, args.teacher_arch, args.epochs, weights)
             shutil_copy = out / f"teacher-{args.teacher_arch}.pt"
             shutil_copy.write_bytes(weights.read_bytes())  # kept for reruns (--teacher-weights)
+        extra = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+        tag = "".join(f" {k}={v:g}" for k, v in extra.items())
         for seed in range(args.seeds):
-            t = time.perf_counter()
-            m = fscompile.compile(args.teacher_arch, weights=str(weights), data=str(root), shots=args.shots, seed=seed,
-                                  student=args.student, steps=args.steps, max_eval=args.max_eval,
-                                  out=Path(tmp) / "run", force=True)
-            base = {"dataset": args.dataset, "shots": args.shots, "seed": seed, **info}
-            met = m["metrics"]
-            record({**base, "method": "(c) teacher", "accuracy": met["teacher"]["accuracy"],
-                    "size_mb": m["size_mb"]["teacher"], "b1_ms": m["profile"]["teacher"]["batch1"]["p50_ms"]})
-            record({**base, "method": f"fscompile {args.student} INT8", "accuracy": met["artifact"]["accuracy"],
-                    "student_accuracy": met["student"]["accuracy"], "agreement": met["artifact"]["agreement"],
-                    "size_mb": m["size_mb"]["artifact"], "b1_ms": m["profile"]["artifact"]["batch1"]["p50_ms"],
-                    "variant": m["artifact"].get("variant"), "compile_s": time.perf_counter() - t,
-                    "timings": m["timings_s"]})
             task = load_image_task(str(root), args.shots, seed, args.max_eval)
-            record({**base, "method": f"(a) {args.student} CE on shots", "accuracy":
-                    ce_on_shots(task, args.student, info["image_size"], seed)})
+            base = {"dataset": args.dataset, "shots": args.shots, "seed": seed, **info}
+            for i, name in enumerate(args.students.split(",")):
+                student = None if name == "default" else name
+                t = time.perf_counter()
+                m = fscompile.compile(args.teacher_arch, weights=str(weights), data=str(root), shots=args.shots,
+                                      seed=seed, student=student, max_eval=args.max_eval, out=Path(tmp) / "run",
+                                      force=True, **extra)
+                met, arch = m["metrics"], m["student"]["architecture"]
+                if i == 0:
+                    record({**base, "method": "(c) teacher", "accuracy": met["teacher"]["accuracy"],
+                            "size_mb": m["size_mb"]["teacher"], "b1_ms": m["profile"]["teacher"]["batch1"]["p50_ms"]})
+                record({**base, "method": f"fscompile {arch} INT8{tag}", "accuracy": met["artifact"]["accuracy"],
+                        "student_accuracy": met["student"]["accuracy"], "agreement": met["artifact"]["agreement"],
+                        "size_mb": m["size_mb"]["artifact"], "b1_ms": m["profile"]["artifact"]["batch1"]["p50_ms"],
+                        "variant": m["artifact"].get("variant"), "compile_s": time.perf_counter() - t,
+                        "best_step": m["distillation"]["best_step"], "layer_selection": m["student"]["layer_selection"],
+                        "timings": m["timings_s"]})
+                teacher = load_image_teacher(args.teacher_arch, task.label_names, info["image_size"], str(weights))
+                record({**base, "method": f"(a) {arch} CE on shots", "accuracy": ce_on_shots(task, teacher, student,
+                                                                                             seed)})
     cells: dict[str, list[dict]] = {}
     for r in rows:
         cells.setdefault(r["method"], []).append(r)
     teacher = np.mean([r["accuracy"] for r in cells.get("(c) teacher", [])])
-    lines = [f"{args.dataset}: teacher {args.teacher_arch} trained here on part A ({info['teacher_steps']} steps), "
+    about = info.get("teacher") or f"{args.teacher_arch} trained here on part A ({info['teacher_steps']} steps)"
+    lines = [f"{args.dataset}: teacher {about}, "
              f"{args.shots} shots per class from part A, evaluated on part B; seeds 0-{args.seeds - 1}.", "",
              "| method | accuracy (mean ± std) | % of teacher | MB | b1 p50 ms |", "|---|---|---|---|---|"]
     table = []

@@ -8,10 +8,14 @@ from typing import Any
 __version__ = version("fscompile")
 
 
-def compile(teacher: str = "minilm", *, data: str | None = None, target: str = "ort-int8", shots: int = 10,
-            out: str | Path | None = None, force: bool = False, progress=None, **options: Any) -> dict[str, Any]:
+def compile(teacher: Any = "minilm", *, data: str | None = None, target: str = "ort-int8", shots: int = 10,
+            out: str | Path | None = None, force: bool = False, progress=None, tokenizer: Any = None,
+            processor: Any = None, **options: Any) -> dict[str, Any]:
     """Compile ``teacher`` for ``target`` from ``shots`` labelled examples per class.
 
+    ``teacher`` is a name, a path, or an object: a transformers model with its ``tokenizer`` (or,
+    for images, its image ``processor``), or any ``torch.nn.Module`` image classifier (give
+    ``image_size``, ``mean`` and ``std`` unless ImageNet's normalisation and the data's size fit).
     ``options`` are :class:`~fscompile.config.CompileConfig` fields (``seed``, ``student_layers``,
     ``prune``, ...) or :class:`~fscompile.config.DistillConfig` fields (``steps``, ``lr``, ...).
     Returns the manifest; the artifact, ``manifest.json`` and ``report.md`` are in ``out``.
@@ -20,6 +24,13 @@ def compile(teacher: str = "minilm", *, data: str | None = None, target: str = "
 
     from .config import CompileConfig, DistillConfig
     from .pipeline import run
+
+    if not isinstance(teacher, (str, Path)):
+        from .models.adopt import adopt_teacher
+
+        teacher, implied = adopt_teacher(teacher, tokenizer, processor)
+        options = {**implied, **options}
+    teacher = str(teacher)
 
     distill_fields = {f.name for f in dataclasses.fields(DistillConfig)}
     dist = DistillConfig(**{k: v for k, v in options.items() if k in distill_fields})

@@ -97,6 +97,8 @@ class CompileConfig:
     student: str | None = None  # image tasks: torchvision architecture; text generation: a pretrained LM
     weights: str | None = None  # image tasks: a local state dict for the teacher architecture
     image_size: int | None = None  # image tasks: input side in pixels (default: the teacher's, else the data's)
+    mean: tuple[float, ...] | None = None  # image tasks: the teacher's input normalisation (default: ImageNet's)
+    std: tuple[float, ...] | None = None
     target: str = "ort-int8"
     shots: int = 10
     seed: int = 0
@@ -131,6 +133,10 @@ class CompileConfig:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.image_size is not None and not 8 <= self.image_size <= 2048:
             raise ValueError(f"--image-size must be in [8, 2048], got {self.image_size}")
+        for name, v in (("mean", self.mean), ("std", self.std)):
+            if v is not None and (len(v) != 3 or (name == "std" and min(v) <= 0)):
+                raise ValueError(f"{name} must be three numbers (R, G, B){', all > 0' if name == 'std' else ''}, "
+                                 f"got {v}")
         if self.embedding_bits not in (4, 8):
             raise ValueError(f"--embedding-bits must be 4 or 8, got {self.embedding_bits}")
         if self.bits != 8:

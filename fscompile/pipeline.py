@@ -87,8 +87,8 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
                 artifact, evaluation, prof = fall_back(lambda run: adapter.evaluate(d, run, cfg), d.student, cal,
                                                        recipe, artifact, evaluation, prof, vocab, length, cfg)
                 verification["fallback"] = artifact.info.get("fallback")
-        sizes = {"teacher": _dir_mb(work / "teacher", "*.safetensors"),
-                 "student": _dir_mb(work / "student", "*.safetensors"),
+        sizes = {"teacher": _dir_mb(work / "teacher", "model.*"),  # .safetensors, or .pt2 for a user's module
+                 "student": _dir_mb(work / "student", "model.*"),
                  "artifact": _dir_mb(artifact.path, "*.onnx")}
     timings["total"] = round(time.perf_counter() - start, 2)
     manifest = _manifest(d, adapter, backend, cfg, artifact, evaluation, verification, prof, sizes,

@@ -34,28 +34,36 @@ def colours(tmp_path_factory) -> Path:
     return root
 
 
+def fit_colours(net, root: Path, steps: int, lr: float, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """``net`` trained (full batch, Adam) on the colour images of ``root/train``: a real teacher."""
+    import torch
+
+    from fscompile.data.images import load_image_splits
+
+    torch.manual_seed(0)
+    splits, _ = load_image_splits(str(root / "train"))
+    names = sorted(COLOURS)
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im, _ in splits["all"]])).permute(0, 3, 1, 2)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    y = torch.tensor([names.index(c) for _, c in splits["all"]])
+    opt = torch.optim.Adam(net.parameters(), lr)
+    net.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
 @pytest.fixture(scope="module")
 def colour_teacher(colours, tmp_path_factory) -> Path:
     """A resnet18 state dict trained here on the colour images (a real, accurate teacher)."""
     import torch
     import torchvision
 
-    from fscompile.data.images import load_image_splits
-
     torch.manual_seed(0)
-    splits, _ = load_image_splits(str(colours / "train"))
-    names = sorted(COLOURS)
-    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im, _ in splits["all"]])).permute(0, 3, 1, 2)
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    y = torch.tensor([names.index(c) for _, c in splits["all"]])
-    net = torchvision.models.get_model("resnet18", weights=None, num_classes=3)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    net.train()
-    for _ in range(15):
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net = fit_colours(torchvision.models.get_model("resnet18", weights=None, num_classes=3), colours, 15, 1e-3)
     path = tmp_path_factory.mktemp("teacher") / "resnet18-colours.pt"
     torch.save(net.state_dict(), path)
     return path
@@ -132,7 +140,12 @@ def test_channel_pruned_student_shrinks_reloads_and_exports(arch, tmp_path):
     import torch
 
     from fscompile.models import load_any
-    from fscompile.models.vision import ImageClassifier, ImageModel, build_arch, derive_image_student
+    from fscompile.models.vision import (
+        ImageClassifier,
+        ImageModel,
+        build_arch,
+        derive_image_student,
+    )
 
     torch.manual_seed(0)
     teacher = ImageModel(ImageClassifier(build_arch(arch, 3)).eval(), arch, ["blue", "green", "red"], "test", 32)
@@ -174,7 +187,7 @@ def test_teacher_with_other_classes_gets_a_refitted_head(colours, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["resnet18", "--weights", "{tmp}/garbage.pt"], "cannot load --weights"),
-    (["resnet18", "--weights", "{tmp}/state.pt", "--student", "not_a_net"], "unknown torchvision architecture"),
+    (["resnet18", "--weights", "{tmp}/state.pt", "--student", "not_a_net"], "unknown image architecture"),
     (["resnet18", "--weights", "{tmp}/state.pt", "--embedding-bits", "4"], "apply to text models only"),
     (["resnet18", "--weights", "{tmp}/state.pt", "--data", "{tmp}/missing-dir/"], "does not exist"),
 ])

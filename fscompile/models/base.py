@@ -106,8 +106,13 @@ def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 def weights_sha256(model: Any) -> str:
     """A digest of the weights, so two runs can be compared for bit-identical students."""
+    return module_sha256(model.module)
+
+
+def module_sha256(module: nn.Module) -> str:
+    """A digest of a module's state dict (names and bytes)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.module.state_dict().items()):
+    for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()

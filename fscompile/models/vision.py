@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, StageError
+from . import cifar_resnet
 from .text import Output, shrink_to
 
 VISION_FILE = "fscompile_vision.json"
@@ -21,16 +22,39 @@ STUDENTS = ("mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2", "resnet1
             "squeezenet1_1", "efficientnet_b0")
 
 
+IN_MEMORY: dict[str, nn.Module] = {}  # teachers handed over as objects: fscompile.compile(teacher=net)
+
+
 class ImageClassifier(nn.Module):
-    """A torchvision classifier behind the interface the distiller and exporter use:
-    ``forward(pixel_values) -> Output(logits)``."""
+    """An image classifier (torchvision, CIFAR ResNet, a user's module, a transformers image model)
+    behind the interface the distiller and exporter use: ``forward(pixel_values) -> Output(logits)``."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, pixel_values: torch.Tensor, **_: Any) -> Output:
-        return Output(self.net(pixel_values))
+        out = self.net(pixel_values)
+        return Output(getattr(out, "logits", out))  # transformers models return an output object
+
+
+class ExportedClassifier(ImageClassifier):
+    """A ``torch.export`` program of a user's module (what :meth:`ImageModel.save_torch` writes
+    for architectures fscompile cannot rebuild by name). Exported graphs are fixed in eval mode."""
+
+    def train(self, mode: bool = True) -> ExportedClassifier:
+        self.training = mode  # torch.export's modules refuse train()/eval(); their BatchNorms are frozen
+        return self
+
+
+def register_module(net: nn.Module) -> str:
+    """The name under which the pipeline finds a module handed over as an object: its class and
+    a digest of its weights (so checkpoints and fingerprints tell two modules apart)."""
+    from .base import module_sha256
+
+    spec = f"module:{type(net).__name__}-{module_sha256(net)[:12]}"
+    IN_MEMORY[spec] = net
+    return spec
 
 
 @dataclass
@@ -45,6 +69,7 @@ class ImageModel:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     has_head: bool = True
+    custom: bool = False  # a user's architecture: saved with torch.export, not rebuilt by name
     info: dict[str, Any] = field(default_factory=dict)
     input_names: list[str] = field(default_factory=lambda: ["pixel_values"])
     fusion: str | None = None  # ORT's transformer optimizer has nothing to fuse in a CNN
@@ -92,7 +117,8 @@ class ImageModel:
         """config.json (labels, architecture) and a Hugging Face preprocessor_config.json, so an
         edge pipeline knows how to feed the ONNX model."""
         out.mkdir(parents=True, exist_ok=True)
-        cfg = {"architectures": [self.arch], "model_type": "torchvision", "num_labels": len(self.label_names),
+        family = "cifar_resnet" if cifar_resnet.parse_blocks(self.arch) else "torchvision"
+        cfg = {"architectures": [self.arch], "model_type": family, "num_labels": len(self.label_names),
                "id2label": {str(i): n for i, n in enumerate(self.label_names)},
                "label2id": {n: i for i, n in enumerate(self.label_names)}, "image_size": self.image_size}
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -103,13 +129,28 @@ class ImageModel:
         (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
     def save_torch(self, out: Path) -> None:
+        """safetensors (rebuilt by architecture name), or for a user's own architecture a
+        ``torch.export`` program, which a fresh process (profiling) loads without its code."""
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().clone() for k, v in self.module.net.state_dict().items()}
-        save_file(state, out / "model.safetensors")
         meta = {"arch": self.arch, "labels": self.label_names, "image_size": self.image_size,
                 "mean": list(self.mean), "std": list(self.std)}
+        if self.custom:
+            was = self.module.training
+            self.module.eval()
+            try:
+                x = torch.zeros(2, 3, self.image_size, self.image_size)
+                prog = torch.export.export(self.module.net, (x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+            except Exception as e:  # what torch.export cannot trace: one line
+                raise StageError(f"torch.export of {self.arch} failed: {str(e).splitlines()[0][:200]}") from e
+            finally:
+                self.module.train(was)
+            torch.export.save(prog, out / "model.pt2")
+            (out / VISION_FILE).write_text(json.dumps({**meta, "format": "torch.export"}))
+            return
+        state = {k: v.detach().contiguous().clone() for k, v in self.module.net.state_dict().items()}
+        save_file(state, out / "model.safetensors")
         (out / VISION_FILE).write_text(json.dumps(meta))
 
     def prune(self, rate: float, heads: bool = True) -> dict[str, Any]:
@@ -123,11 +164,17 @@ class ImageModel:
 
         net = self.module.net
         before = sum(p.numel() for p in net.parameters())
-        head = [m for m in net.modules() if isinstance(m, nn.Linear) and m.out_features == len(self.label_names)]
+        keep = [m for m in net.modules() if isinstance(m, nn.Linear) and m.out_features == len(self.label_names)]
+        if isinstance(net, cifar_resnet.CifarResNet):
+            # the zero-padding shortcut is invisible to the dependency graph: prune inside blocks only
+            keep += cifar_resnet.residual_stream(net)
+        prunable = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d) and m not in keep]
+        # multiples of 8 suit SIMD kernels, but would cut a 16-channel layer in half
+        round_to = 8 if prunable and min(prunable) >= 64 else None
         example = torch.zeros(1, 3, self.image_size, self.image_size)
         try:
             tp.pruner.MagnitudePruner(net, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=rate, ignored_layers=head, round_to=8).step()
+                                      pruning_ratio=rate, ignored_layers=keep, round_to=round_to).step()
         except Exception as e:  # an architecture the dependency graph cannot trace: say so in one line
             raise StageError(f"channel pruning failed on {self.arch}: {str(e).splitlines()[0][:200]}") from e
         return {"pattern": "structured-channels", "rate": rate, "parameters_before": before,
@@ -135,14 +182,20 @@ class ImageModel:
 
 
 def build_arch(arch: str, num_classes: int) -> nn.Module:
-    """A torchvision architecture by name, randomly initialised, with ``num_classes`` outputs."""
+    """A torchvision architecture or a CIFAR ResNet (``cifar_resnet56``) by name, randomly
+    initialised, with ``num_classes`` outputs."""
     import torchvision
 
+    if cifar_resnet.parse_blocks(arch):
+        return cifar_resnet.build(arch, num_classes)
+    if arch.startswith("cifar_resnet"):
+        raise InputError(f"{arch}: a CIFAR ResNet's depth is 6n+2 (cifar_resnet20, 32, 44, 56, 110, ...)")
     try:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     except (ValueError, KeyError):
         known = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models)))
-        raise InputError(f"unknown torchvision architecture {arch!r}; known: {known}") from None
+        raise InputError(f"unknown image architecture {arch!r}; known: cifar_resnet20 ... cifar_resnet110 "
+                         f"(depth 6n+2), {known}") from None
 
 
 def _classifier_out(state: dict[str, torch.Tensor]) -> int:
@@ -154,8 +207,9 @@ def _classifier_out(state: dict[str, torch.Tensor]) -> int:
 
 
 def is_vision_teacher(spec: str, weights: str | None = None) -> bool:
-    """A torchvision architecture name, or a directory a previous image run wrote."""
-    if weights or (Path(spec) / VISION_FILE).is_file():
+    """A torchvision or CIFAR ResNet architecture name, a module handed over in Python, or a
+    directory a previous image run wrote."""
+    if weights or (Path(spec) / VISION_FILE).is_file() or spec.startswith(("cifar_resnet", "module:")):
         return True
     try:
         import torchvision
@@ -170,6 +224,10 @@ def load_image_model(path: Path) -> ImageModel:
     from safetensors.torch import load_file
 
     meta = json.loads((path / VISION_FILE).read_text())
+    if meta.get("format") == "torch.export":
+        module = ExportedClassifier(torch.export.load(path / "model.pt2").module())
+        return ImageModel(module, meta["arch"], meta["labels"], str(path), meta["image_size"], tuple(meta["mean"]),
+                          tuple(meta["std"]), custom=True)
     net = build_arch(meta["arch"], len(meta["labels"]))
     state = load_file(path / "model.safetensors")
     shrink_to(net, state)  # channel-pruned weights: give the modules their saved widths
@@ -184,24 +242,33 @@ def load_image_teacher(spec: str, label_names: list[str], image_size: int, weigh
     A teacher whose class count differs from the data's gets ``has_head=False``: its final
     layer is refitted on the shots."""
     p = Path(spec).expanduser()
-    if (p / VISION_FILE).is_file():
+    if spec in IN_MEMORY:
+        import copy
+
+        net = copy.deepcopy(IN_MEMORY[spec]).eval()  # fitting a head must not change the user's module
+        try:
+            with torch.no_grad():
+                n = int(ImageClassifier(net)(torch.zeros(1, 3, image_size, image_size)).logits.shape[-1])
+        except Exception as e:  # the module's own errors: one line
+            raise InputError(f"the teacher module fails on a 1x3x{image_size}x{image_size} input: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        names = label_names if n == len(label_names) else [str(i) for i in range(n)]
+        model = ImageModel(ImageClassifier(net), spec.split(":", 1)[1].rsplit("-", 1)[0], names, spec, image_size,
+                           custom=True)
+    elif spec.startswith("module:"):
+        raise InputError(f"{spec} names a module handed to fscompile.compile in another process; pass the module")
+    elif (p / VISION_FILE).is_file():
         model = load_image_model(p)
     else:
         if weights:
-            try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle errors, missing files, not a state dict: one line
-                raise InputError(f"cannot load --weights {weights}: {str(e).splitlines()[0][:200]}") from None
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            if not isinstance(state, dict):
-                raise InputError(f"--weights {weights} is not a state dict")
+            state = read_state_dict(weights)
             net = build_arch(spec, _classifier_out(state))
-            try:
-                net.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise InputError(f"--weights {weights} do not fit {spec}: {str(e).splitlines()[0][:200]}") from None
+            load_fitting(net, state, f"--weights {weights} do not fit {spec}")
             source = f"{spec} + {weights}"
+        elif spec.startswith("cifar_resnet"):
+            build_arch(spec, 10)  # a bad depth says so first
+            raise InputError(f"{spec} has no built-in weights; pass --weights FILE (a state dict, e.g. "
+                             "resnet56-4bfd9763.th of akamaster/pytorch_resnet_cifar10)")
         else:
             import torchvision
 
@@ -222,6 +289,43 @@ def load_image_teacher(spec: str, label_names: list[str], image_size: int, weigh
     return model
 
 
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint as real users have them: a state dict, or a dict holding one under
+    ``state_dict`` or ``model`` (training scripts' habit), with DataParallel's ``module.``
+    prefixes stripped. Always ``weights_only=True``: a pickle that would run code is refused."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, missing files, code-executing payloads: one line
+        raise InputError(f"cannot load --weights {path}: {str(e).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"--weights {path} is not a state dict (nor a dict holding one as 'state_dict' or 'model')")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def load_fitting(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``net.load_state_dict(state)``, strict, failing in one line that names the first key that
+    is missing, unexpected or of another shape (torch's own message lists them all)."""
+    own = net.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            if k.endswith("num_batches_tracked"):  # absent before PyTorch 0.4.1; BatchNorm fills it in
+                continue
+            raise InputError(f"{what}: no {k!r} in the checkpoint")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise InputError(f"{what}: {k!r} is {tuple(state[k].shape)} in the checkpoint, "
+                             f"{tuple(v.shape)} in the model")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise InputError(f"{what}: the checkpoint has {extra[0]!r}, which the model does not"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    net.load_state_dict(state, strict=True)
+
+
 def final_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     """(parent module, attribute, layer) of the classifier's last Linear."""
     last = None
@@ -236,14 +340,20 @@ def final_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
 
 
 def derive_image_student(teacher: ImageModel, arch: str | None) -> ImageModel:
-    """The student: ``arch`` from torchvision (random init), default mobilenet_v3_small; the
-    teacher's own architecture starts from the teacher's weights."""
+    """The student. By default a CIFAR ResNet teacher keeps half of its residual blocks, with the
+    teacher's weights (:func:`cifar_resnet.drop_blocks`); other teachers get mobilenet_v3_small.
+    A named ``arch`` starts from random weights, except the teacher's own, which starts from it."""
     import copy
 
-    arch = arch or "mobilenet_v3_small"
-    if arch == teacher.arch:
-        net = copy.deepcopy(teacher.module.net)
+    info: dict[str, Any] = {"init": "teacher"}
+    if arch is None and isinstance(teacher.module.net, cifar_resnet.CifarResNet):
+        net, info["layer_selection"] = cifar_resnet.drop_blocks(teacher.module.net)
+        arch = cifar_resnet.arch_name(net)
+    elif (arch or "mobilenet_v3_small") == teacher.arch:
+        arch, net = teacher.arch, copy.deepcopy(teacher.module.net)
     else:
+        arch, info["init"] = arch or "mobilenet_v3_small", "random"
         net = build_arch(arch, len(teacher.label_names))
-    return ImageModel(ImageClassifier(net), arch, list(teacher.label_names), f"student:{arch}", teacher.image_size,
-                      teacher.mean, teacher.std)
+    same = arch == teacher.arch  # an exported teacher's copy stays exported (fixed in eval mode)
+    return ImageModel((type(teacher.module) if same else ImageClassifier)(net), arch, list(teacher.label_names), f"student:{arch}",
+                      teacher.image_size, teacher.mean, teacher.std, custom=teacher.custom and same, info=info)
