@@ -90,18 +90,18 @@ def test_student_drops_half_the_blocks_keeps_teacher_weights_prunes_and_exports(
                          [str(i) for i in range(10)], "test", 32)
     student = derive_image_student(teacher, None)
     sel = student.info["layer_selection"]
-    assert student.arch == "cifar_resnet14" and student.info["init"] == "teacher"
-    assert sel["blocks_before"] == [5, 5, 5] and sel["blocks_kept"] == [[1, 3], [0, 3], [0, 3]]
+    assert student.arch == "cifar_resnet-2-2-3" and student.info["init"] == "teacher"
+    assert sel["blocks_before"] == [5, 5, 5] and sel["blocks_kept"] == [[1, 3], [0, 3], [0, 2, 4]]
     t, s = teacher.module.net, student.module.net
     torch.testing.assert_close(s.layer1[0].conv1.weight, t.layer1[1].conv1.weight)
-    torch.testing.assert_close(s.layer3[1].bn2.running_var, t.layer3[3].bn2.running_var)
+    torch.testing.assert_close(s.layer3[2].bn2.running_var, t.layer3[4].bn2.running_var)
     torch.testing.assert_close(s.linear.weight, t.linear.weight)
     assert sum(len(k) for k in sel["blocks_kept"]) <= sum(sel["blocks_before"]) / 2
 
     before = student.num_parameters()
     info = student.prune(0.25)  # inside blocks only: the residual stream's widths stay
     assert info["parameters_after"] < before
-    assert [b.conv2.out_channels for st in (s.layer1, s.layer2, s.layer3) for b in st] == [16, 16, 32, 32, 64, 64]
+    assert [b.conv2.out_channels for st in (s.layer1, s.layer2, s.layer3) for b in st] == [16, 16, 32, 32, 64, 64, 64]
     assert s.layer3[0].conv1.out_channels < 64
     student.module.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -109,7 +109,7 @@ def test_student_drops_half_the_blocks_keeps_teacher_weights_prunes_and_exports(
         ref = student.module(x).logits
     student.save_torch(tmp_path / "s")
     again = load_any(tmp_path / "s")
-    assert again.arch == "cifar_resnet14"
+    assert again.arch == "cifar_resnet-2-2-3" and again.module.net.blocks == (2, 2, 3)
     with torch.no_grad():
         torch.testing.assert_close(again.module(x).logits, ref)
     student.export_onnx(tmp_path / "s.onnx")

@@ -79,3 +79,18 @@ def test_objects_that_are_not_teachers_fail_in_one_line(tiny_teacher):
         fscompile.compile(BertForSequenceClassification.from_pretrained(tiny_teacher))
     with pytest.raises(ValueError, match="std must be three numbers"):
         fscompile.compile(ColourNet(), std=(0.2, 0.0, 0.2))
+
+
+def test_a_transformers_image_model_with_its_processor(colours, tmp_path):  # noqa: F811
+    """The processor gives the input side and normalisation; the model's output object its logits."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=64, num_labels=3))
+    proc = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=list(MEAN), image_std=list(STD))
+    m = fscompile.compile(vit, processor=proc, data=str(colours), shots=3, steps=10, student="mobilenet_v3_small",
+                          profile_seconds=0.05, out=tmp_path / "o")
+    assert m["task"] == "image-classification" and m["config"]["image_size"] == 32
+    assert tuple(m["config"]["mean"]) == MEAN and tuple(m["config"]["std"]) == STD
+    assert m["profile"]["teacher"]["batch1"]["p50_ms"] > 0 and (tmp_path / "o" / "model" / "model.onnx").is_file()

@@ -86,10 +86,12 @@ def build(arch: str, num_classes: int) -> CifarResNet:
 
 
 def drop_blocks(net: CifarResNet) -> tuple[CifarResNet, dict]:
-    """The residual-network analogue of keeping every other layer: each stage keeps half of its
-    blocks (rounded down, at least one), the first block where it changes shape (it holds the
-    only convolution across the stride) and odd-numbered ones otherwise, initialised from ``net``.
-    A residual block dropped leaves its shortcut, so the rest still computes what it learnt."""
+    """The residual-network analogue of keeping every other layer: half of the blocks (rounded
+    down), initialised from ``net``. Each stage keeps its odd-numbered blocks, or its first where
+    the stage changes shape (it holds the only convolution across the stride); with an odd block
+    count the block left in the budget goes to the last, widest stage, which then keeps its
+    even-numbered ones (ResNet-56, 500 steps: 12 blocks 0.734, 13 blocks 0.766). A residual
+    block dropped leaves its shortcut, so the rest still computes what it learnt."""
     import copy
 
     kept: list[list[int]] = []
@@ -98,6 +100,9 @@ def drop_blocks(net: CifarResNet) -> tuple[CifarResNet, dict]:
         if s > 0:
             keep[0] = 0
         kept.append(keep)
+    last = net.blocks[-1]
+    if sum(map(len, kept)) < sum(net.blocks) // 2 and last % 2 == 1:
+        kept[-1] = list(range(0, last, 2))
     student = CifarResNet(tuple(len(k) for k in kept), net.linear.out_features)
     student.conv1, student.bn1, student.linear = (copy.deepcopy(m) for m in (net.conv1, net.bn1, net.linear))
     for s, keep in enumerate(kept):

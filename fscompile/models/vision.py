@@ -47,6 +47,18 @@ class ExportedClassifier(ImageClassifier):
         return self
 
 
+class _TensorOut(nn.Module):
+    """``net`` with its logits as a plain tensor (what :meth:`ImageModel.save_torch` exports)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return getattr(out, "logits", out)
+
+
 def register_module(net: nn.Module) -> str:
     """The name under which the pipeline finds a module handed over as an object: its class and
     a digest of its weights (so checkpoints and fingerprints tell two modules apart)."""
@@ -141,7 +153,9 @@ class ImageModel:
             self.module.eval()
             try:
                 x = torch.zeros(2, 3, self.image_size, self.image_size)
-                prog = torch.export.export(self.module.net, (x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+                # a plain tensor out: output classes (transformers') need their library to load again
+                prog = torch.export.export(_TensorOut(self.module.net), (x,),
+                                           dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
             except Exception as e:  # what torch.export cannot trace: one line
                 raise StageError(f"torch.export of {self.arch} failed: {str(e).splitlines()[0][:200]}") from e
             finally:
