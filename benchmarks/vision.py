@@ -166,6 +166,7 @@ def main() -> None:
             shutil_copy.write_bytes(weights.read_bytes())  # kept for reruns (--teacher-weights)
         extra = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
         tag = "".join(f" {k}={v:g}" for k, v in extra.items())
+        teacher = load_image_teacher(args.teacher_arch, classes, info["image_size"], str(weights))
         for seed in range(args.seeds):
             task = load_image_task(str(root), args.shots, seed, args.max_eval)
             base = {"dataset": args.dataset, "shots": args.shots, "seed": seed, **info}
@@ -185,7 +186,6 @@ def main() -> None:
                         "variant": m["artifact"].get("variant"), "compile_s": time.perf_counter() - t,
                         "best_step": m["distillation"]["best_step"], "layer_selection": m["student"]["layer_selection"],
                         "timings": m["timings_s"]})
-                teacher = load_image_teacher(args.teacher_arch, task.label_names, info["image_size"], str(weights))
                 record({**base, "method": f"(a) {arch} CE on shots", "accuracy": ce_on_shots(task, teacher, student,
                                                                                              seed)})
     cells: dict[str, list[dict]] = {}

@@ -52,10 +52,11 @@ def _saved(model: nn.Module, tokenizer: Any) -> Path:
 def _processor_options(processor: Any) -> dict[str, Any]:
     """Input side, mean and std from a Hugging Face image processor."""
     size = getattr(processor, "size", None)
-    side = size if isinstance(size, int) else None
-    for key in ("height", "shortest_edge"):  # a dict, or transformers 5's SizeDict
-        if side is None and size is not None:
-            side = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    if isinstance(size, int) or size is None:
+        side = size
+    else:  # a dict, or transformers 5's SizeDict
+        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+        side = get("height") or get("shortest_edge")
     out: dict[str, Any] = {}
     if side:
         out["image_size"] = int(side)

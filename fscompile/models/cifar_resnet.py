@@ -74,7 +74,8 @@ class CifarResNet(nn.Module):
 def depth_of(arch: str) -> int | None:
     """The depth named by ``cifar_resnetN`` (N = 6n+2), None for any other name."""
     m = PATTERN.match(arch)
-    return int(m.group(1)) if m and (int(m.group(1)) - 2) % 6 == 0 and int(m.group(1)) >= 8 else None
+    depth = int(m.group(1)) if m else 0
+    return depth if depth >= 8 and (depth - 2) % 6 == 0 else None
 
 
 def build(arch: str, num_classes: int) -> CifarResNet:

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from ..errors import InputError, StageError
-from . import cifar_resnet
+from .cifar_resnet import (
+    CifarResNet,
+    arch_name,
+    drop_blocks,
+    parse_blocks,
+    residual_stream,
+)
+from .cifar_resnet import build as build_cifar
 from .text import Output, shrink_to
 
 VISION_FILE = "fscompile_vision.json"
@@ -47,16 +54,17 @@ class ExportedClassifier(ImageClassifier):
         return self
 
 
-class _TensorOut(nn.Module):
-    """``net`` with its logits as a plain tensor (what :meth:`ImageModel.save_torch` exports)."""
+class _Logits(nn.Module):
+    """An :class:`ImageClassifier` with its logits as a plain tensor: what the exporters take
+    (ONNX wants tensors; a ``torch.export`` program that returned a transformers output class
+    would need that library to load again)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, inner: ImageClassifier) -> None:
         super().__init__()
-        self.net = net
+        self.inner = inner
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        return getattr(out, "logits", out)
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.inner(pixel_values).logits
 
 
 def register_module(net: nn.Module) -> str:
@@ -106,15 +114,6 @@ class ImageModel:
 
     def export_onnx(self, path: Path, opset: int = 17) -> None:
         """One-file ONNX, input ``pixel_values`` [batch, 3, S, S], output ``logits``."""
-
-        class _Logits(nn.Module):
-            def __init__(self, inner: nn.Module) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, pixel_values):
-                return self.inner(pixel_values).logits
-
         dummy = torch.zeros(2, 3, self.image_size, self.image_size)
         try:
             with torch.no_grad(), warnings.catch_warnings():
@@ -129,7 +128,7 @@ class ImageModel:
         """config.json (labels, architecture) and a Hugging Face preprocessor_config.json, so an
         edge pipeline knows how to feed the ONNX model."""
         out.mkdir(parents=True, exist_ok=True)
-        family = "cifar_resnet" if cifar_resnet.parse_blocks(self.arch) else "torchvision"
+        family = "cifar_resnet" if parse_blocks(self.arch) else "torchvision"
         cfg = {"architectures": [self.arch], "model_type": family, "num_labels": len(self.label_names),
                "id2label": {str(i): n for i, n in enumerate(self.label_names)},
                "label2id": {n: i for i, n in enumerate(self.label_names)}, "image_size": self.image_size}
@@ -153,8 +152,7 @@ class ImageModel:
             self.module.eval()
             try:
                 x = torch.zeros(2, 3, self.image_size, self.image_size)
-                # a plain tensor out: output classes (transformers') need their library to load again
-                prog = torch.export.export(_TensorOut(self.module.net), (x,),
+                prog = torch.export.export(_Logits(ImageClassifier(self.module.net)), (x,),
                                            dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
             except Exception as e:  # what torch.export cannot trace: one line
                 raise StageError(f"torch.export of {self.arch} failed: {str(e).splitlines()[0][:200]}") from e
@@ -179,9 +177,9 @@ class ImageModel:
         net = self.module.net
         before = sum(p.numel() for p in net.parameters())
         keep = [m for m in net.modules() if isinstance(m, nn.Linear) and m.out_features == len(self.label_names)]
-        if isinstance(net, cifar_resnet.CifarResNet):
+        if isinstance(net, CifarResNet):
             # the zero-padding shortcut is invisible to the dependency graph: prune inside blocks only
-            keep += cifar_resnet.residual_stream(net)
+            keep += residual_stream(net)
         prunable = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d) and m not in keep]
         # multiples of 8 suit SIMD kernels, but would cut a 16-channel layer in half
         round_to = 8 if prunable and min(prunable) >= 64 else None
@@ -200,8 +198,8 @@ def build_arch(arch: str, num_classes: int) -> nn.Module:
     initialised, with ``num_classes`` outputs."""
     import torchvision
 
-    if cifar_resnet.parse_blocks(arch):
-        return cifar_resnet.build(arch, num_classes)
+    if parse_blocks(arch):
+        return build_cifar(arch, num_classes)
     if arch.startswith("cifar_resnet"):
         raise InputError(f"{arch}: a CIFAR ResNet's depth is 6n+2 (cifar_resnet20, 32, 44, 56, 110, ...)")
     try:
@@ -267,8 +265,7 @@ def load_image_teacher(spec: str, label_names: list[str], image_size: int, weigh
             raise InputError(f"the teacher module fails on a 1x3x{image_size}x{image_size} input: "
                              f"{str(e).splitlines()[0][:200]}") from None
         names = label_names if n == len(label_names) else [str(i) for i in range(n)]
-        model = ImageModel(ImageClassifier(net), spec.split(":", 1)[1].rsplit("-", 1)[0], names, spec, image_size,
-                           custom=True)
+        model = ImageModel(ImageClassifier(net), type(net).__name__, names, spec, image_size, custom=True)
     elif spec.startswith("module:"):
         raise InputError(f"{spec} names a module handed to fscompile.compile in another process; pass the module")
     elif (p / VISION_FILE).is_file():
@@ -355,19 +352,22 @@ def final_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
 
 def derive_image_student(teacher: ImageModel, arch: str | None) -> ImageModel:
     """The student. By default a CIFAR ResNet teacher keeps half of its residual blocks, with the
-    teacher's weights (:func:`cifar_resnet.drop_blocks`); other teachers get mobilenet_v3_small.
+    teacher's weights (:func:`~fscompile.models.cifar_resnet.drop_blocks`); other teachers get
+    mobilenet_v3_small.
     A named ``arch`` starts from random weights, except the teacher's own, which starts from it."""
     import copy
 
     info: dict[str, Any] = {"init": "teacher"}
-    if arch is None and isinstance(teacher.module.net, cifar_resnet.CifarResNet):
-        net, info["layer_selection"] = cifar_resnet.drop_blocks(teacher.module.net)
-        arch = cifar_resnet.arch_name(net)
-    elif (arch or "mobilenet_v3_small") == teacher.arch:
-        arch, net = teacher.arch, copy.deepcopy(teacher.module.net)
+    if arch is None and isinstance(teacher.module.net, CifarResNet):
+        net, info["layer_selection"] = drop_blocks(teacher.module.net)
+        arch = arch_name(net)
     else:
-        arch, info["init"] = arch or "mobilenet_v3_small", "random"
-        net = build_arch(arch, len(teacher.label_names))
+        arch = arch or "mobilenet_v3_small"
+        if arch == teacher.arch:
+            net = copy.deepcopy(teacher.module.net)
+        else:
+            net, info["init"] = build_arch(arch, len(teacher.label_names)), "random"
     same = arch == teacher.arch  # an exported teacher's copy stays exported (fixed in eval mode)
-    return ImageModel((type(teacher.module) if same else ImageClassifier)(net), arch, list(teacher.label_names), f"student:{arch}",
-                      teacher.image_size, teacher.mean, teacher.std, custom=teacher.custom and same, info=info)
+    wrapper = type(teacher.module) if same else ImageClassifier
+    return ImageModel(wrapper(net), arch, list(teacher.label_names), f"student:{arch}", teacher.image_size,
+                      teacher.mean, teacher.std, custom=teacher.custom and same, info=info)

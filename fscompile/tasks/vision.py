@@ -247,8 +247,8 @@ def distill_images(teacher: ImageModel, student: ImageModel, task: ImageTaskData
         recalibrate_batchnorm(student, bn_views)
     model.eval()
     return DistillStats(steps=cfg.steps, transfer_size=len(shots), seconds=time.perf_counter() - start,
-                        final_loss=ema, losses={k: v / cfg.steps for k, v in total.items() if v}, best_step=best.step, validation=best.curve,
-                        lr=lr)
+                        final_loss=ema, losses={k: v / cfg.steps for k, v in total.items() if v}, best_step=best.step,
+                        validation=best.curve, lr=lr)
 
 
 def predict_images(runner: Callable[[dict[str, np.ndarray]], np.ndarray], model: ImageModel,
