@@ -1,17 +1,19 @@
-"""Extractive QA through fscompile (issue 6): a SQuAD 2.0 teacher fine-tuned here, distilled from a few shots.
+"""Extractive QA through fscompile (issue 19): a teacher fine-tuned here on SQuAD v1.1, distilled from a few shots.
 
-    python benchmarks/qa.py --epochs 3 --seeds 3 --steps 300 --max-eval 600 --out bench-out/qa
+    python benchmarks/qa.py --epochs 2 --seeds 3 --steps 300 --unlabeled 2000 --out bench-out/qa-squad11
 
-Only a SQuAD 2.0 dev subset is stored in ../shared/data, so its articles are cut in two (seeded):
-part A fine-tunes the teacher (the packaged all-MiniLM-L6-v2 body with a new span head, on this CPU)
-and is where the shots come from; part B, other articles, is the evaluation set. Per draw:
-fscompile keeps 3 of the teacher's 6 layers (evenly spaced), distils on the shots (10 answerable +
-10 unanswerable questions) and their augmented variants, and builds the ORT INT8 artifact.
-Writes results.jsonl, table.md and table.json.
+../shared/data/squad_v1.1 holds the complete SQuAD v1.1 dev set (48 articles); 16 of them are the articles of
+the SQuAD 2.0 subset in ../shared/data/squad_v2. The other 32 articles (7,595 questions) fine-tune the
+teacher (the packaged all-MiniLM-L6-v2 body with a new span head, on this CPU) and are where the shots and
+any --unlabeled questions come from; the 16 shared articles are the evaluation: SQuAD v1.1 rules on their
+2,975 v1.1 questions, and SQuAD 2.0 rules on the 2.0 subset (6,078 questions, 3,168 unanswerable). Per
+draw fscompile keeps 3 of the teacher's 6 layers, distils on 10 shots and their augmented variants (plus
+the unlabelled questions) and builds the ORT INT8 artifact. Writes results.jsonl and table.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -26,45 +28,46 @@ from common import REPO, SHARED, Results
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(SHARED / "data/squad_v2/dev-v2.0.cs224n-subset.json"))
+    p.add_argument("--data", default=str(SHARED / "data/squad_v1.1/dev-v1.1.json"))
+    p.add_argument("--v2", default=str(SHARED / "data/squad_v2/dev-v2.0.cs224n-subset.json"),
+                   help="SQuAD 2.0 file whose articles are held out and also scored with 2.0 rules")
     p.add_argument("--base", default="minilm", help="the encoder the teacher is fine-tuned from")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=1e-4, help="the teacher's fine-tuning learning rate")
-    p.add_argument("--teacher", default=None, help="a SQuAD 2.0 teacher to use as is (skips the fine-tune)")
+    p.add_argument("--teacher", default=None, help="a QA teacher to use as is (skips the fine-tune)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3, help="shot draws (0: only rebuild the table from --out)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--layers", default="3")
-    p.add_argument("--max-eval", type=int, default=600)
+    p.add_argument("--max-eval", type=int, default=1000)
     p.add_argument("--student-lr", type=float, default=None, help="fscompile --lr (default: fscompile's)")
     p.add_argument("--unlabeled", type=int, default=0,
-                   help="questions of part A (answers stripped) passed to fscompile --unlabeled")
-    p.add_argument("--out", default=str(REPO / "bench-out/qa"))
+                   help="questions of the teacher's articles (answers stripped) passed to fscompile --unlabeled")
+    p.add_argument("--out", default=str(REPO / "bench-out/qa-squad11"))
     return p.parse_args()
 
 
-def split_articles(src: Path, root: Path, seed: int = 0) -> None:
-    """Half of the articles -> root/train-v2.0.json (part A), the rest -> root/dev-v2.0.json (part B)."""
+def split_articles(src: Path, v2: Path, root: Path) -> None:
+    """Articles not in the 2.0 file -> root/train-v1.1.json; the shared ones -> root/dev-v1.1.json."""
     raw = json.loads(src.read_text())
-    order = np.random.default_rng(seed).permutation(len(raw["data"]))
-    half = len(order) // 2
+    held = {a["title"] for a in json.loads(v2.read_text())["data"]}
     root.mkdir(parents=True, exist_ok=True)
-    for name, idx in (("train-v2.0.json", order[:half]), ("dev-v2.0.json", order[half:])):
-        (root / name).write_text(json.dumps({"version": raw.get("version", "v2.0"),
-                                             "data": [raw["data"][i] for i in sorted(idx)]}))
+    for name, keep in (("train-v1.1.json", False), ("dev-v1.1.json", True)):
+        (root / name).write_text(json.dumps({"version": raw.get("version", "1.1"),
+                                             "data": [a for a in raw["data"] if (a["title"] in held) == keep]}))
 
 
 def unlabeled_pool(root: Path, n: int, seed: int = 0) -> Path:
     """``n`` questions of part A, answers stripped, as a SQuAD file: raw questions on the
     user's own documents, which is what a real user of --unlabeled would have."""
-    raw = json.loads((root / "train-v2.0.json").read_text())
+    raw = json.loads((root / "train-v1.1.json").read_text())
     qas = [(a["title"], p["context"], q) for a in raw["data"] for p in a["paragraphs"] for q in p["qas"]]
     pick = sorted(np.random.default_rng(seed).permutation(len(qas))[:n].tolist())
     data = [{"title": qas[i][0], "paragraphs": [{"context": qas[i][1], "qas": [
         {"id": qas[i][2]["id"], "question": qas[i][2]["question"], "answers": [], "is_impossible": True}]}]}
         for i in pick]
     path = root.parent / "unlabeled.json"
-    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
     return path
 
 
@@ -87,8 +90,8 @@ def span_targets(enc, rows) -> tuple[list[int], list[int]]:
 
 
 def fine_tune_teacher(root: Path, base: str, epochs: float, out: Path, lr: float, max_length: int = 384) -> dict:
-    """Standard SQuAD 2.0 fine-tuning on part A, over the same windows fscompile reads: AdamW,
-    batch 16, 10% warm-up then linear decay."""
+    """Standard SQuAD fine-tuning on the training articles, over the same windows fscompile reads:
+    AdamW, batch 16, 10% warm-up then linear decay."""
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
@@ -135,69 +138,88 @@ METRICS = ("exact_match", "f1", "has_answer_f1", "no_answer_accuracy", "agreemen
 def main() -> None:
     args = parse()
     sys.path.insert(0, str(REPO))
-    import fscompile
+    from fscompile.backends.onnxruntime import OrtRunner
+    from fscompile.config import CompileConfig, DistillConfig
+    from fscompile.data.qa import load_qa_splits
+    from fscompile.pipeline import build, distill_stage, resolve_backend
+    from fscompile.tasks.qa import evaluate_qa, qa_length
 
     out = Path(args.out)
     results = Results(out)
     rows, record = results.rows, results.record
-
     teacher = Path(args.teacher) if args.teacher else out / "teacher"  # kept: a re-run can pass --teacher
+    v2_rows = load_qa_splits(args.v2)[0]["all"]
+    if len(v2_rows) > args.max_eval:  # a seeded sample across all its articles, as fscompile samples v1.1
+        v2_rows = [v2_rows[i] for i in sorted(np.random.default_rng(0).choice(len(v2_rows), args.max_eval, replace=False))]
+
+    def progress(stage: str, done: int, total: int, detail: str = "") -> None:
+        if done == total or done % 100 == 0:
+            print(f"  {stage} {done}/{total} {detail}", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory(prefix="fscompile-qa-") as tmp:
         data = Path(tmp) / "squad"
-        split_articles(Path(args.data), data)
-        if args.teacher:  # what this script recorded when it fine-tuned that teacher, if it did
-            saved = teacher / "fine-tune.json"
-            info = json.loads(saved.read_text()) if saved.exists() else {"teacher_steps": 0, "teacher_questions": 0}
+        split_articles(Path(args.data), Path(args.v2), data)
+        saved = teacher / "fine-tune.json"
+        if saved.exists():  # fine-tuned by an earlier run of this script
+            info = json.loads(saved.read_text())
+        elif args.teacher:
+            info = {"teacher_steps": 0, "teacher_questions": 0}
         else:
             info = fine_tune_teacher(data, args.base, args.epochs, teacher, args.lr)
-            (teacher / "fine-tune.json").write_text(json.dumps(info))
+            saved.write_text(json.dumps(info))
         extra = {"unlabeled": str(unlabeled_pool(data, args.unlabeled))} if args.unlabeled else {}
-        if args.student_lr:
-            extra["lr"] = args.student_lr
         for seed in range(args.seeds):
             t = time.perf_counter()
-            m = fscompile.compile(str(teacher), data=str(data), shots=args.shots, seed=seed, steps=args.steps,
-                                  student_layers=args.layers, max_eval=args.max_eval, out=Path(tmp) / "run", force=True,
-                                  **extra)
-            met = m["metrics"]
+            cfg = CompileConfig(teacher=str(teacher), data=str(data), shots=args.shots, seed=seed,
+                                student_layers=args.layers, max_eval=args.max_eval,
+                                distill=DistillConfig(steps=args.steps, lr=args.student_lr,
+                                                      unlabeled=extra.get("unlabeled")))
+            backend = resolve_backend(cfg)
+            d = distill_stage(cfg, backend, progress)
+            m = build(d, backend, cfg, Path(tmp) / f"run{seed}", progress, t)
+            compile_s = time.perf_counter() - t
+            # SQuAD 2.0 rules on the 2.0 subset (same articles): the same teacher, student and artifact
+            v2 = evaluate_qa(dataclasses.replace(d.task, eval=v2_rows), d.teacher, d.student,
+                             OrtRunner(Path(tmp) / f"run{seed}/model/model.onnx"), qa_length(cfg, d.teacher))
             for who in ("teacher", "student", "artifact"):
+                met = m["metrics"][who]
                 record({"seed": seed, "shots": args.shots, "model": who, **info,
-                        **{k: met[who][k] for k in (*METRICS, "n", "has_answer_n")}, "size_mb": m["size_mb"][who],
+                        **{k: met.get(k) for k in (*METRICS, "n", "has_answer_n")}, "size_mb": m["size_mb"][who],
+                        "v2": {k: v2[who].get(k) for k in (*METRICS, "exact_match", "n")},
                         "b1_ms": m["profile"][who]["batch1"]["p50_ms"], "layers_kept": m["student"]["layers_kept"],
-                        "compile_s": time.perf_counter() - t, "timings_s": m["timings_s"],
-                        "steps": args.steps, "unlabeled": args.unlabeled, "lr": args.student_lr,
-                        "losses": m["distillation"]["losses"], "best_step": m["distillation"]["best_step"],
-                        "null_threshold": json.loads((Path(tmp) / "run/model/config.json").read_text())
-                        .get("null_score_diff_threshold", 0.0) if who != "teacher" else 0.0,
-                        "validation": m["distillation"]["validation"]})
+                        "compile_s": compile_s, "timings_s": m["timings_s"], "steps": m["distillation"]["steps"],
+                        "unlabeled": args.unlabeled, "lr": args.student_lr, "best_step": m["distillation"]["best_step"],
+                        "null_threshold": float(getattr(d.student.config, "null_score_diff_threshold", 0.0))
+                        if who != "teacher" else 0.0, "validation": m["distillation"]["validation"]})
     if not rows:  # --seeds 0: rebuild the table from the rows already recorded
         rows = [json.loads(line) for line in results.path.read_text().splitlines() if line.strip()]
+    summarise(rows, out, args)
+
+
+def summarise(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
     seeds = sorted({r["seed"] for r in rows})
-    n_has = rows[0].get("has_answer_n", "?")
-    lines = [f"SQuAD 2.0 subset: teacher {args.base} + span head fine-tuned here on part A "
-             f"({info['teacher_questions']} questions, {info['teacher_steps']} steps); {args.shots} answerable + "
-             f"{args.shots} unanswerable shots from part A; evaluation on {rows[0].get('n', args.max_eval)} questions of part B "
-             f"(other articles; {n_has} answerable); {rows[0].get('steps', args.steps)} distillation steps; "
-             f"{rows[0].get('unlabeled', 0)} unlabeled questions of part A; seeds {seeds}.", "",
-             "| model | EM | F1 (% of teacher) | F1 answerable | abstained when unanswerable | agreement with teacher "
-             "| MB | b1 p50 ms |", "|---|---|---|---|---|---|---|---|"]
-    table = []
+    r0 = rows[0]
+    lines = [f"SQuAD v1.1: teacher {args.base} + span head fine-tuned here on the 32 articles outside the SQuAD 2.0 "
+             f"subset ({r0['teacher_questions']} questions, {r0['teacher_steps']} steps); {args.shots} shots from "
+             f"those articles, {r0.get('unlabeled', 0)} unlabelled questions; evaluation on {r0['n']} v1.1 questions "
+             f"of the 16 other articles and {r0['v2']['n']} questions of the 2.0 subset (same articles); "
+             f"{r0['steps']} distillation steps; draws {seeds}.", "",
+             "| model | v1.1 EM | v1.1 F1 (% of teacher) | 2.0 EM | 2.0 F1 | 2.0 answerable F1 | 2.0 abstained when "
+             "unanswerable | agreement with teacher (v1.1) | MB | b1 p50 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     t_f1 = np.mean([r["f1"] for r in rows if r["model"] == "teacher"])
 
-    def ms(rs: list[dict], k: str) -> str:
-        return f"{np.mean([r[k] for r in rs]):.4f} ± {np.std([r[k] for r in rs]):.4f}"
+    def ms(vals: list[float]) -> str:
+        return f"{np.mean(vals):.4f}" + (f" ± {np.std(vals):.4f}" if len(vals) > 1 else "")
 
     for who in ("teacher", "student", "artifact"):
         rs = [r for r in rows if r["model"] == who]
-        table.append({"model": who, **{k: float(np.mean([r[k] for r in rs])) for k in METRICS},
-                      **{f"{k}_std": float(np.std([r[k] for r in rs])) for k in METRICS},
-                      "f1_retention": float(np.mean([r["f1"] for r in rs]) / t_f1), "draws": len(rs)})
-        lines.append(f"| {who} | {ms(rs, 'exact_match')} | {ms(rs, 'f1')} ({table[-1]['f1_retention']:.1%}) "
-                     f"| {ms(rs, 'has_answer_f1')} | {ms(rs, 'no_answer_accuracy')} "
-                     f"| {np.mean([r['agreement'] for r in rs]):.3f} | {np.mean([r['size_mb'] for r in rs]):.1f} "
-                     f"| {np.mean([r['b1_ms'] for r in rs]):.2f} |")
+        v2 = [r["v2"] for r in rs]
+        lines.append(f"| {who} | {ms([r['exact_match'] for r in rs])} | {ms([r['f1'] for r in rs])} "
+                     f"({np.mean([r['f1'] for r in rs]) / t_f1:.1%}) | {ms([v['exact_match'] for v in v2])} "
+                     f"| {ms([v['f1'] for v in v2])} | {ms([v['has_answer_f1'] for v in v2])} "
+                     f"| {ms([v['no_answer_accuracy'] for v in v2])} | {np.mean([r['agreement'] for r in rs]):.3f} "
+                     f"| {np.mean([r['size_mb'] for r in rs]):.1f} | {np.mean([r['b1_ms'] for r in rs]):.2f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "table.json").write_text(json.dumps(table, indent=2))
     print("\n".join(lines))
 
 

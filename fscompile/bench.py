@@ -38,7 +38,7 @@ class Sweep:
     seeds: int = 5
     steps: int | None = None  # None: a compile's default (DistillConfig.resolved)
     recovery_steps: int = 200
-    prune: float = 0.2
+    prune: float | None = None  # None: the task's default, as for a compile
     max_eval: int | None = None
     profile_seconds: float = 3.0
     peers: bool = True

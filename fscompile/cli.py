@@ -123,7 +123,8 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--dropout/--no-dropout", default=False, show_default=True,
               help="Text classification: keep the student's dropout while distilling (off: the teacher's soft "
               "targets on many inputs regularise enough, and steps run ~10% faster).")
-@click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature.")
+@click.option("--temperature", default=None, type=float,
+              help="Distillation temperature.  [default: 2.0; 1.0 for text generation]")
 @click.option("--augment", default=100, show_default=True, type=int, help="Augmented variants per shot in the transfer set.")
 @click.option("--augment-ops", "ops", default=DistillConfig.ops, show_default=True,
               help="Augmentations of the transfer set, comma-separated, cycled over the variants (repeat one to "
@@ -136,7 +137,8 @@ def _fail(e: BaseException, debug: bool) -> None:
               "to label (smollm2: SmolLM2-135M-Instruct, packaged; any local or Hub causal LM or .gguf file; none: off).")
 @click.option("--generate", type=int, help="How many texts the generator writes [default: derived from the shots' "
               "length, fewer for long texts, 100-3,000; cached]; 0 turns generation off.")
-@click.option("--prune", default=0.2, show_default=True, type=float, help="Pruning rate, in the pattern the target accelerates.")
+@click.option("--prune", default=None, type=float,
+              help="Pruning rate, in the pattern the target accelerates.  [default: 0.2; 0 for text generation]")
 @click.option("--prune-heads/--no-prune-heads", default=False, show_default=True,
               help="CPU targets: prune whole attention heads as well as FFN channels (measured: little speed "
               "for accuracy at MiniLM's size).")

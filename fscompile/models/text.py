@@ -88,6 +88,8 @@ class TextModel:
     # export, the files beside the ONNX model, a torch copy for profiling, structured pruning.
     fusion: ClassVar[str | None] = "bert"
     quant_ops: ClassVar[tuple[str, ...]] = ("MatMul",)
+    weight_only_int4: ClassVar[bool] = False  # ort-int8 also tries 4-bit weight-only MatMulNBits (LMs)
+    static_qdq: ClassVar[bool] = True  # ort-int8 also tries static QDQ calibrated on the shots
 
     def export_onnx(self, path: Path) -> None:
         export_onnx(self, path)

@@ -94,6 +94,8 @@ class ImageModel:
     input_names: list[str] = field(default_factory=lambda: ["pixel_values"])
     fusion: str | None = None  # ORT's transformer optimizer has nothing to fuse in a CNN
     quant_ops: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    static_qdq: bool = True  # ort-int8 also tries static QDQ calibrated on the shots
+    weight_only_int4: bool = False
 
     @property
     def config(self) -> None:

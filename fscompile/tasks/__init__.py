@@ -22,8 +22,8 @@ from .base import Distilled, Progress, TaskAdapter, timed
 def task_name(cfg: CompileConfig) -> str:
     """``cfg.task``, or from the teacher: torchvision names, ``--weights`` and directories of
     earlier image runs are image classification; local models with a span head are question
-    answering (a Hub id needs ``--task question-answering``); local causal LMs and GPT-2-family
-    Hub names are text generation; everything else is text classification."""
+    answering (a Hub id needs ``--task question-answering``); local causal LMs, known causal-LM
+    Hub names (GPT-2, SmolLM2, Llama, Qwen, Mistral), ``smollm2`` and ``.gguf`` files are text generation; everything else is text classification."""
     if cfg.task != "auto":
         return cfg.task
     from ..models.vision import is_vision_teacher
@@ -41,9 +41,9 @@ def task_name(cfg: CompileConfig) -> str:
         if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             return "text-generation"
     else:
-        from ..models.lm import KNOWN_LM_PREFIXES
+        from ..models.lm import is_lm_spec
 
-        if cfg.teacher.startswith(KNOWN_LM_PREFIXES):
+        if is_lm_spec(cfg.teacher):
             return "text-generation"
     return "text-classification"
 

@@ -52,7 +52,7 @@ def prepare(student: Any, backend: Backend | None, cfg: CompileConfig) -> tuple[
     Applied before distillation, which then serves as the recovery (masks fixed)."""
     if backend is None:
         return student, None
-    unpruned = copy.deepcopy(student) if cfg.prune > 0 else None
+    unpruned = copy.deepcopy(student) if cfg.prune_rate() > 0 else None
     return backend.prepare(student, cfg.recipe()), unpruned
 
 
@@ -60,7 +60,7 @@ def recovered(d: Distilled, backend: Backend, cfg: CompileConfig, steps: int, pr
               train: Callable[[Any, DistillConfig], Any]) -> Distilled:
     """A copy of a target-agnostic ``d`` with ``backend``'s sparsity pattern and ``steps`` of
     recovery training (``train(student, distill_config)``, masks fixed): one distillation, many targets."""
-    if cfg.prune <= 0:
+    if cfg.prune_rate() <= 0:
         return d
     student = backend.prepare(copy.deepcopy(d.student), cfg.recipe())
     timings = dict(d.timings)
