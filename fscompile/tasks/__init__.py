@@ -23,7 +23,8 @@ def task_name(cfg: CompileConfig) -> str:
     """``cfg.task``, or from the teacher: torchvision names, ``--weights`` and directories of
     earlier image runs are image classification; local models with a span head are question
     answering (a Hub id needs ``--task question-answering``); local causal LMs, known causal-LM
-    Hub names (GPT-2, SmolLM2, Llama, Qwen, Mistral), ``smollm2`` and ``.gguf`` files are text generation; everything else is text classification."""
+    Hub names (GPT-2, SmolLM2, Llama, Qwen, Mistral), ``smollm2`` and ``.gguf`` files are text
+    generation; everything else is text classification."""
     if cfg.task != "auto":
         return cfg.task
     from ..models.vision import is_vision_teacher
