@@ -17,17 +17,8 @@ from pathlib import Path
 
 from ..calibration import CalibrationSet
 from ..models.text import TextModel
-from ..profile import cpu_info
 from . import Artifact, Recipe
-from .onnxruntime import MODEL_FILE, _OrtBackend, dynamic_int8
-
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def vnni_flags() -> dict[str, bool]:
-    """Which INT8 dot-product instruction sets this CPU has."""
-    isa = cpu_info()["isa"]
-    return {f: bool(isa.get(f)) for f in VNNI_FLAGS}
+from .onnxruntime import MODEL_FILE, _OrtBackend, dynamic_int8, vnni_flags
 
 
 class CpuVnniBackend(_OrtBackend):

@@ -18,10 +18,17 @@ import numpy as np
 from ..calibration import SELECTION, CalibrationSet, ReaderFromBatches, choose, methods
 from ..errors import StageError
 from ..models.text import TextModel
-from ..profile import latency, physical_cores
+from ..profile import cpu_info, latency, physical_cores
 from . import Artifact, Backend, Recipe
 
 MODEL_FILE = "model.onnx"
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def vnni_flags() -> dict[str, bool]:
+    """Which INT8 dot-product instruction sets this CPU has."""
+    isa = cpu_info()["isa"]
+    return {f: bool(isa.get(f)) for f in VNNI_FLAGS}
 
 
 def session(path: Path | str, threads: int | None = None):
@@ -269,9 +276,14 @@ class OrtInt8Backend(_OrtBackend):
             errors: dict[str, str] = {}
             dyn = work / "dynamic.onnx"
             want = recipe.variant  # None: every candidate, chosen below
+            # without VNNI, u8 x s8 products saturate 16-bit intermediates (vpmaddubsw): 7-bit weights
+            # avoid that, as cpu-vnni does; on a VNNI CPU the full range is exact
+            reduce_range = not any(vnni_flags().values())
+            info["reduce_range"] = reduce_range
             if want in (None, "dynamic-per-channel"):
                 try:
-                    candidates["dynamic-per-channel"] = dynamic_int8(self._embeddings(fused, recipe), dyn, fused=True)
+                    candidates["dynamic-per-channel"] = dynamic_int8(self._embeddings(fused, recipe), dyn, fused=True,
+                                                                     reduce_range=reduce_range)
                 except Exception as e:  # record and fall back to the other candidate
                     errors["dynamic-per-channel"] = str(e).splitlines()[0][:200]
             if student.weight_only_int4 and want in (None, "weight-only-int4"):
@@ -292,7 +304,7 @@ class OrtInt8Backend(_OrtBackend):
             for method in tried:
                 name, stat = f"static-qdq-{method}", work / f"static-{method}.onnx"
                 try:
-                    self._static(pre, stat, calibration, student, method)
+                    self._static(pre, stat, calibration, student, method, reduce_range)
                     candidates[name] = self._embeddings(stat, recipe)
                 except Exception as e:  # one calibrator failing must not sink the others; it is recorded
                     errors[name] = str(e).splitlines()[0][:200]
@@ -317,7 +329,8 @@ class OrtInt8Backend(_OrtBackend):
             quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
 
     @staticmethod
-    def _static(pre: Path, dst: Path, calibration: CalibrationSet, student: TextModel, method: str) -> None:
+    def _static(pre: Path, dst: Path, calibration: CalibrationSet, student: TextModel, method: str,
+                reduce_range: bool = False) -> None:
         """Static QDQ with the settings that hold accuracy on transformers (NOTES-stack.md):
         U8 activations, S8 per-channel weights, the ops the model names (MatMuls for transformers,
         Conv/Gemm too for CNNs), transformer FFN-down MatMuls left in fp32
@@ -343,7 +356,7 @@ class OrtInt8Backend(_OrtBackend):
         quantize_static(str(pre), str(dst), ReaderFromBatches(calibration.calibrate),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=ops, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude, calibrate_method=calibrators[method],
+                        nodes_to_exclude=exclude, calibrate_method=calibrators[method], reduce_range=reduce_range,
                         extra_options={"CalibMovingAverage": True} if method == "minmax" else {})
 
     @staticmethod

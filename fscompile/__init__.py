@@ -17,11 +17,14 @@ def compile(teacher: Any = "minilm", *, data: str | None = None, target: str = "
     for images, its image ``processor``), or any ``torch.nn.Module`` image classifier (give
     ``image_size``, ``mean`` and ``std`` unless ImageNet's normalisation and the data's size fit).
     ``options`` are :class:`~fscompile.config.CompileConfig` fields (``seed``, ``student_layers``,
-    ``prune``, ...) or :class:`~fscompile.config.DistillConfig` fields (``steps``, ``lr``, ...).
+    ``prune``, ...), :class:`~fscompile.config.DistillConfig` fields (``steps``, ``lr``, ...), or
+    :class:`~fscompile.budget.Budget` fields (``max_latency_ms``, ``min_retention``, ...; with
+    ``max_trials``), which search for the smallest, fastest artifact within them.
     Returns the manifest; the artifact, ``manifest.json`` and ``report.md`` are in ``out``.
     """
     import dataclasses
 
+    from .budget import Budget
     from .config import CompileConfig, DistillConfig
     from .pipeline import run
 
@@ -32,11 +35,17 @@ def compile(teacher: Any = "minilm", *, data: str | None = None, target: str = "
         options = {**implied, **options}
     teacher = str(teacher)
 
+    budget = Budget(**{f.name: options.pop(f.name) for f in dataclasses.fields(Budget) if f.name in options})
+    max_trials = options.pop("max_trials", 3)
     distill_fields = {f.name for f in dataclasses.fields(DistillConfig)}
     dist = DistillConfig(**{k: v for k, v in options.items() if k in distill_fields})
     cfg = CompileConfig(teacher=teacher, data=data, target=target, shots=shots, distill=dist,
                         **{k: v for k, v in options.items() if k not in distill_fields})
     out = Path(out) if out is not None else Path("fscompile-out") / cfg.run_name()
+    if budget:
+        from .search import run as search
+
+        return search(cfg, budget, out, force=force, progress=progress, max_trials=max_trials)
     return run(cfg, out, force=force, progress=progress)
 
 

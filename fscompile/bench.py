@@ -277,22 +277,13 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> str:
 
 def pareto(summary: list[dict[str, Any]], path: Path) -> None:
     """Accuracy vs batch-1 latency: one point per system x shots; teacher and peers marked."""
-    import matplotlib
+    from .report import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summary:
-        peer = not s["system"].startswith("fscompile")
-        ax.errorbar(s["b1_p50"]["mean"], s["accuracy"]["mean"], xerr=s["b1_p50"]["std"], yerr=s["accuracy"]["std"],
-                    fmt="s" if peer else "o", color="grey" if peer else "tab:blue", capsize=2)
-        ax.annotate(f"{s['system']} ({s['shots']})", (s["b1_p50"]["mean"], s["accuracy"]["mean"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("batch-1 latency p50 (ms)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("fscompile (blue) vs peers (grey squares)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, "batch-1 latency p50 (ms)", "accuracy", "fscompile (blue) vs peers (grey squares)") as ax:
+        for s in summary:
+            peer = not s["system"].startswith("fscompile")
+            ax.errorbar(s["b1_p50"]["mean"], s["accuracy"]["mean"], xerr=s["b1_p50"]["std"],
+                        yerr=s["accuracy"]["std"], fmt="s" if peer else "o", color="grey" if peer else "tab:blue",
+                        capsize=2)
+            ax.annotate(f"{s['system']} ({s['shots']})", (s["b1_p50"]["mean"], s["accuracy"]["mean"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")

@@ -21,7 +21,7 @@ def checkpoint_dir(cfg: CompileConfig, backend: Backend | None) -> Path:
     return root / "checkpoints" / f"{cfg.fingerprint()}-{backend.name if backend else 'agnostic'}"
 
 
-INFO_KEYS = ("prepare", "layer_selection", "embeddings")
+INFO_KEYS = ("prepare", "layer_selection", "embeddings", "teacher_layers")
 
 
 def save_checkpoint(ckpt: Path, student: Any, stats: DistillStats) -> None:

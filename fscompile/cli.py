@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from .config import TASKS, DistillConfig
-from .errors import EXIT_CODES, FscompileError
+from .errors import EXIT_CODES, FscompileError, StageError
 
 DEFAULT_COMMAND = "compile"
 
@@ -61,6 +62,26 @@ def _library_output(verbose: bool) -> Iterator[None]:
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         yield
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """End the compile after ``seconds``: the alarm raises in the main thread wherever it is, so the
+    staging directory is removed on the way out as for Ctrl-C (a profiling child is killed too)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise StageError(f"the compile ran past --timeout {seconds:g} s and was stopped; nothing was written")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 EXIT_HELP = "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
@@ -165,6 +186,16 @@ def _fail(e: BaseException, debug: bool) -> None:
 @click.option("--tolerance", default=0.01, show_default=True, type=float,
               help="Accuracy the artifact may lose against the fp32 student before verification fails.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub (off by default).")
+@click.option("--max-latency-ms", type=float, help="Budget: batch-1 p50 latency at --seq-len on this machine. Any "
+              "budget makes fscompile search student depth, pruning and table bits for the smallest, fastest "
+              "artifact within it (text classification).")
+@click.option("--max-size-mb", type=float, help="Budget: the artifact's size on disk.")
+@click.option("--max-peak-mb", type=float, help="Budget: peak resident memory of a process serving the artifact.")
+@click.option("--min-retention", type=float, help="Budget: accuracy kept relative to the teacher (0-1), estimated "
+              "without labels from the teacher's probabilities on the evaluation inputs.")
+@click.option("--max-trials", default=3, show_default=True, type=int, help="Budget search: distillations at most.")
+@click.option("--timeout", type=float, help="Stop the whole compile after this many seconds (exit code 5, nothing "
+              "written).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--verbose", is_flag=True, help="Let the libraries' own output through (on stderr).")
@@ -182,16 +213,28 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
 
         dist_keys = ("steps", "lr", "batch_size", "dropout", "temperature", "augment", "ops", "unlabeled", "generator",
                      "generate", "max_length")
+        from .budget import Budget
+
+        max_trials, timeout = opts.pop("max_trials"), opts.pop("timeout")
+        if timeout is not None and not timeout > 0:
+            raise click.UsageError(f"--timeout must be > 0 seconds, got {timeout}")
         try:
+            budget = Budget(**{k: opts.pop(k) for k in ("max_latency_ms", "max_size_mb", "max_peak_mb",
+                                                        "min_retention")})
             dist = DistillConfig(**{k: opts.pop(k) for k in dist_keys})
             cfg = CompileConfig(teacher=teacher, distill=dist, **opts)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         out = out or Path("fscompile-out") / cfg.run_name()
-        with ProgressUI(enabled=not quiet and not as_json) as ui, _library_output(verbose):
-            from .pipeline import run
+        with ProgressUI(enabled=not quiet and not as_json) as ui, _library_output(verbose), _deadline(timeout):
+            if budget:
+                from .search import run as search
 
-            manifest = run(cfg, out, force=force, progress=ui.update)
+                manifest = search(cfg, budget, out, force=force, progress=ui.update, max_trials=max_trials)
+            else:
+                from .pipeline import run
+
+                manifest = run(cfg, out, force=force, progress=ui.update)
     except click.UsageError:
         raise
     except BaseException as e:  # mapped to one line and an exit code; --debug shows the traceback

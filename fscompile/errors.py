@@ -26,6 +26,12 @@ class StageError(FscompileError):
     exit_code = 5
 
 
+class BudgetUnmet(FscompileError):
+    """No recipe met the budget (--max-latency-ms, --min-retention, ...) (exit code 6)."""
+
+    exit_code = 6
+
+
 # click uses 2 for usage errors; 1 is kept for unexpected internal errors.
 EXIT_CODES = {
     0: "success",
@@ -33,6 +39,7 @@ EXIT_CODES = {
     2: "usage error (unknown option, bad option value)",
     3: "input error (model, data or output directory)",
     4: "target unavailable on this machine",
-    5: "stage failure (export, quantization, profiling)",
+    5: "stage failure (export, quantization, profiling), or --timeout reached; nothing was written",
+    6: "no recipe met the budget (--max-latency-ms, --max-size-mb, --max-peak-mb, --min-retention)",
     130: "interrupted (Ctrl-C); nothing was written",
 }

@@ -32,7 +32,8 @@ def predict(runner: Runner, tokenizer, input_names: list[str], examples: list[Ex
 
 
 def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
-    """accuracy, macro-F1 and (given the teacher's predictions) agreement."""
+    """accuracy, macro-F1 and, given the teacher's predictions (or its logits), agreement; with
+    its logits also the retention estimated without labels (:func:`retention_estimate`)."""
     from sklearn.metrics import accuracy_score, f1_score
 
     pred = logits.argmax(-1)
@@ -40,8 +41,22 @@ def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None
            "macro_f1": float(f1_score(labels, pred, average="macro")),
            "n": int(len(labels))}
     if reference is not None:
-        out["agreement"] = float((pred == reference).mean())
+        ref = reference.argmax(-1) if reference.ndim == 2 else reference
+        out["agreement"] = float((pred == ref).mean())
+        if reference.ndim == 2:
+            out["retention_estimate"] = retention_estimate(reference, pred)
     return out
+
+
+def retention_estimate(teacher_logits: np.ndarray, pred: np.ndarray) -> float:
+    """Accuracy over the teacher's, estimated without labels: read the teacher's probabilities as
+    the chance each class is right, so a model's expected accuracy is the mean probability the
+    teacher gives its answers (the teacher's own: its mean top probability). A disagreement where
+    the teacher hesitated costs little; one where it was sure costs a whole point."""
+    z = teacher_logits - teacher_logits.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    teacher = float(p.max(-1).mean())
+    return min(1.0, float(p[np.arange(len(pred)), pred].mean()) / teacher) if teacher > 0 else 0.0
 
 
 def torch_runner(model: TextModel):
@@ -57,12 +72,11 @@ def evaluate_all(task: TaskData, teacher: TextModel, student: TextModel, artifac
     labels = np.array([e.label for e in task.eval])
     names = student.input_names
     t_logits = predict(torch_runner(teacher), teacher.tokenizer, names, task.eval, max_length)
-    t_pred = t_logits.argmax(-1)
-    out = {"teacher": metrics(t_logits, labels, t_pred)}
+    out = {"teacher": metrics(t_logits, labels, t_logits)}
     out["student"] = metrics(predict(torch_runner(student), student.tokenizer, names, task.eval, max_length),
-                             labels, t_pred)
+                             labels, t_logits)
     out["artifact"] = metrics(predict(artifact_runner, student.tokenizer, names, task.eval, max_length),
-                              labels, t_pred)
+                              labels, t_logits)
     return out
 
 

@@ -52,9 +52,44 @@ def check_out(out: Path, fingerprint: str, force: bool) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"--out {out}: cannot create {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--out {out}: {parent} is not writable")
+    # os.access says yes to root everywhere (/proc included): make and remove a real directory
+    # where the staging one will go, so an unwritable place fails now, not after the compile
+    probe = parent / f".{out.name}.fscompile-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
     clean_stale(out)
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold ``--out`` for this process: a second compile into the same place fails at once, in
+    one line, instead of racing this one to the rename (the lock dies with the process)."""
+    import fcntl
+
+    lock = out.parent / f".{out.name}.fscompile-lock"
+    try:
+        f = lock.open("a+")
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise InputError(f"--out {out} is being written by another fscompile (pid {f.read().strip() or '?'}); "
+                             "wait for it or choose another directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -16,11 +16,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from . import memory
 from .backends import Artifact, Backend, get_backend
 from .config import CompileConfig
 from .errors import TargetUnavailable
 from .models.base import weights_sha256
-from .outdir import MANIFEST, check_out, staged
+from .outdir import MANIFEST, check_out, locked, staged
 from .profile import device_info, peak_rss_mb, profile_all
 from .report import render_markdown, write_json
 from .tasks import Distilled, Progress, TaskAdapter, get_task, timed
@@ -95,6 +96,7 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
                          (length, real_len), timings)
     write_json(out / MANIFEST, manifest)
     (out / "report.md").write_text(render_markdown(manifest))
+    memory.record(memory.row_from_manifest(manifest))  # what the budget search learns from
     return manifest
 
 
@@ -120,6 +122,7 @@ def _manifest(d: Distilled, adapter: TaskAdapter, backend: Backend, cfg: Compile
                  "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval),
                  "input_length": lengths[0], "real_seq_len": lengths[1]},
         "student": {"architecture": getattr(student, "arch", None), "layers_kept": d.keep,
+                    "teacher_layers": student.info.get("teacher_layers"),
                     "prepare": student.info.get("prepare"), "weights_sha256": weights_sha256(student),
                     "embeddings": student.info.get("embeddings"),
                     "layer_selection": student.info.get("layer_selection"), "parameters": params["student"]},
@@ -145,10 +148,11 @@ def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progres
     start = time.perf_counter()
     out = Path(out)
     check_out(out, cfg.fingerprint(), force)
-    backend = resolve_backend(cfg)
-    d = distill_stage(cfg, backend, progress)
-    with staged(out) as stage:
-        manifest = build(d, backend, cfg, stage, progress, start)
+    with locked(out):
+        backend = resolve_backend(cfg)
+        d = distill_stage(cfg, backend, progress)
+        with staged(out) as stage:
+            manifest = build(d, backend, cfg, stage, progress, start)
     if d.checkpoint is not None:  # the run landed: its resume point is no longer needed
         shutil.rmtree(d.checkpoint, ignore_errors=True)
     manifest["out_dir"] = str(out.resolve())

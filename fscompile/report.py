@@ -1,12 +1,35 @@
 """manifest.json and report.md: one table comparing teacher, student and artifact."""
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROWS = (("teacher", "teacher (PyTorch fp32)"), ("student", "student (PyTorch fp32)"),
         ("artifact", "artifact"))
+
+
+@contextlib.contextmanager
+def figure(path: Path, xlabel: str, ylabel: str, title: str) -> Iterator[Any]:
+    """A latency-vs-quality plot in the house style: yields the axes, saves ``path`` on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def write_json(path: Path, obj: Any) -> None:

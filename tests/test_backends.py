@@ -3,6 +3,8 @@ import onnx
 import pytest
 import torch
 from fscompile.backends import Recipe, get_backend, registered
+from fscompile.backends.onnxruntime import vnni_flags
+from fscompile.calibration import choose
 
 from fscompile.augment import build_transfer_set
 from fscompile.config import CompileConfig
@@ -10,6 +12,16 @@ from fscompile.errors import InputError
 from fscompile.models.text import derive_student, load_teacher
 from fscompile.tasks.text import calibration_set
 from tests.test_distill import SHOTS
+
+
+def test_choice_prefers_the_smallest_as_accurate_variant():
+    table = {"static": {"agreement": 0.992, "b1_p50_ms": 10.8, "size_mb": 54.7},
+             "dynamic": {"agreement": 0.984, "b1_p50_ms": 6.2, "size_mb": 16.0},
+             "int4": {"agreement": 0.90, "b1_p50_ms": 5.0, "size_mb": 9.0}}
+    assert choose(table, 256) == "dynamic"  # within two standard errors of the best, 3.4x smaller
+    assert choose(table, 100000) == "static"  # enough validation inputs to tell them apart
+    table["near"] = {"agreement": 0.99, "b1_p50_ms": 5.5, "size_mb": 16.5}
+    assert choose(table, 256) == "near"  # sizes within 10% of the smallest: the faster one
 
 
 def test_builtin_targets_are_entry_points():
@@ -58,6 +70,8 @@ def test_ort_int8_artifact_loads_with_plain_onnxruntime(student, tmp_path):
     assert {"dynamic-per-channel", "static-qdq-minmax", "static-qdq-entropy", "static-qdq-percentile"} \
         == set(art.info["candidates"]), art.info["errors"]
     assert art.info["calibration_samples"] == cal.num_calibration_samples > 0
+    # hardware-aware as cpu-vnni: 7-bit weights where the CPU has no VNNI (u8 x s8 would saturate)
+    assert art.info["reduce_range"] == (not any(vnni_flags().values()))
     assert {"config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in art.path.iterdir()}
     tok = AutoTokenizer.from_pretrained(art.path)
     sess = ort.InferenceSession(str(art.path / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -129,3 +143,19 @@ def test_prepare_rounds_the_embedding_table_to_what_four_bit_artifacts_ship(tiny
     fp32, _ = derive_student(load_teacher(str(tiny_teacher)), [1, 3])
     get_backend("ort-fp32").prepare(fp32, Recipe(prune=0.0, embedding_bits=4))  # fp32 ships the table as is
     assert "embedding_table" not in fp32.info["prepare"]
+
+
+def test_variants_are_compared_on_generated_text_where_there_is_some(student):
+    """Augmented shots agree near 99% under any variant; generated or unlabelled text is the real-like check."""
+    from fscompile.augment import TransferSet
+
+    ts = build_transfer_set(SHOTS, per_shot=10, seed=0, mask_token="[MASK]")
+    n_aug = len(ts)
+    gen = [f"generated review number {i} about a film" for i in range(80)]
+    with_gen = TransferSet(ts.texts + gen, None, ts.origin + ["generated"] * 80)
+    cal = calibration_set(student, with_gen, CompileConfig(), n_calibrate=16, n_validate=256)
+    assert cal.num_validation_samples == 40  # half the generated texts, none of the augmented shots
+    validated = {tuple(r[r > 0]) for b in cal.validate for r in b["input_ids"]}
+    assert validated <= {tuple(student.tokenizer(t)["input_ids"]) for t in gen}
+    assert cal.num_calibration_samples == 16
+    assert n_aug < 80 + n_aug == len(with_gen)

@@ -48,6 +48,9 @@ CASES = {
     "unknown target": (lambda t, d: [t, "--target", "tpu-int3"], 3, "unknown target"),
     "target unavailable": (lambda t, d: [t, "--target", "trt-int8"], 4, "not available here"),
     "out not writable": (lambda t, d: [t, "--out", str(d / "file.txt" / "sub")], 3, "--out"),
+    # os.access(W_OK) is true there for root: only a real write tells, and it must tell before the compile
+    "out where nothing can be written": (lambda t, d: [t, "--out", "/proc/fscompile-out"], 3,
+                                         "cannot write in /proc"),
 }
 
 
@@ -201,3 +204,20 @@ def test_fallback_ships_a_verified_variant(tiny_teacher, tmp_path):
     assert not v["ok"] and "accuracy_within_tolerance" in v["failed"] and v["fallback"]
     assert (tmp_path / "o" / "model" / "model.onnx").is_file() and not (tmp_path / "o" / "model.fp32").exists()
     assert "Fallback:" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_second_compile_into_the_same_out_fails_at_once(tiny_teacher, tmp_path):
+    from fscompile.outdir import locked
+
+    out = tmp_path / "out"
+    with locked(out):  # another compile holds --out
+        r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), *FAST])
+    assert r.exit_code == 3 and "is being written by another fscompile" in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_timeout_stops_the_compile_and_writes_nothing(tiny_teacher, tmp_path):
+    out = tmp_path / "out"
+    r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), "--timeout", "1", *FAST])
+    assert r.exit_code == 5 and "ran past --timeout 1 s" in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists() and not list(tmp_path.glob(".out.*"))

@@ -4,6 +4,9 @@ calibration set; the adapter the pipeline calls."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,11 +20,11 @@ from ..augment import (
     vocabulary_words,
 )
 from ..backends import Backend
-from ..calibration import Batches, CalibrationSet, batches_from_encodings, from_transfer
+from ..calibration import Batches, CalibrationSet, batches_from_encodings, from_transfer, split
 from ..checkpoint import checkpoint_dir, resume_or_distill
 from ..config import CompileConfig, DistillConfig
 from ..data import Example, TaskData, load_task_data, load_unlabeled
-from ..distill import POOL_LR, distill, set_seed
+from ..distill import POOL_LR, DistillStats, distill, set_seed
 from ..evaluate import evaluate_all, metrics, predict, real_seq_len, torch_runner
 from ..generate import Generated, balance, cached_generate, default_count
 from ..models.text import (
@@ -177,15 +180,73 @@ def validation_set(task: TaskData, teacher: TextModel, cfg: CompileConfig, size:
 
 def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfig,
                     n_calibrate: int = 256, n_validate: int = 256) -> CalibrationSet:
-    """Calibrate on the shots plus augmented variants; other variants validate (``calibration.split``)."""
+    """Calibrate on the shots plus augmented variants; other items validate (``calibration.split``).
+    Where the transfer set holds generated or unlabelled text, half of it (at most ``n_validate``)
+    validates instead: the INT8 variants are compared on text like the real inputs, not on
+    augmented shots, where every variant agrees near 99%."""
     def batches(idx: list[int]) -> Batches:
         texts = [transfer.texts[i] for i in idx]
         pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
         enc = student.tokenizer(texts, pairs, truncation=True, max_length=cfg.distill.max_length)
         return batches_from_encodings(enc, student.input_names, student.tokenizer.pad_token_id or 0)
 
-    return from_transfer(len(transfer), batches, cfg.seed, shots=transfer.origin.count("shot"),
-                         n_calibrate=n_calibrate, n_validate=n_validate)
+    shots = transfer.origin.count("shot")
+    real = [i for i, o in enumerate(transfer.origin) if o in ("generated", "unlabeled")]
+    if len(real) >= 64:
+        val = np.random.default_rng(cfg.seed + 1).choice(real, min(n_validate, len(real) // 2), replace=False)
+        held = set(val.tolist())
+        rest = [i for i in range(len(transfer)) if i not in held]  # the shots stay first
+        cal, _ = split(len(rest), cfg.seed, shots=shots, n_calibrate=n_calibrate, n_validate=0)
+        return CalibrationSet(calibrate=batches([rest[i] for i in cal]), validate=batches(sorted(held)))
+    return from_transfer(len(transfer), batches, cfg.seed, shots=shots, n_calibrate=n_calibrate,
+                         n_validate=n_validate)
+
+
+def is_teacher(keep: list[int], n: int, cfg: CompileConfig) -> bool:
+    """Whether the "student" is the whole teacher (every layer, nothing pruned or factorised):
+    then there is nothing to distil, and the teacher itself is compiled for the target."""
+    return keep == list(range(n)) and cfg.prune_rate() == 0 and not cfg.embedding_rank
+
+
+def evenly_spaced(k: int, n: int) -> list[int]:
+    """``k`` of ``n`` layers spread evenly, the last always kept (3 of 6: 1, 3, 5, as every-other)."""
+    return sorted({max(0, round((i + 1) * n / k) - 1) for i in range(k)})
+
+
+def probe_shapes(cfg: CompileConfig, backend: Backend, recipes: list[tuple[int, float, int]], work: Path,
+                 progress: Progress) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Latency (batch 1 at ``cfg.seq_len``) and size of each recipe's artifact, before any training:
+    the student of that many evenly spaced layers, the target's sparsity at that rate and the
+    embedding table at those bits, compiled with dynamic INT8 (the variant without calibration
+    data) and timed here. Weights do not change latency or size, so no distillation is needed.
+    Also returns the task's traits, in the recipe memory's keys."""
+    from ..profile import latency, synthetic_inputs
+
+    task = load_data(cfg)
+    teacher = load_teacher(cfg.teacher, task.label_names, trust_remote_code=cfg.trust_remote_code)
+    n = len(teacher.layers())
+    shots = TransferSet([e.text for e in task.shots],
+                        [e.text_pair or "" for e in task.shots] if task.is_pair else None, ["shot"] * len(task.shots))
+    out = []
+    for i, (layers, prune, bits) in enumerate(recipes):
+        progress("probe shapes", i, len(recipes), f"{layers} layers, prune {prune:g}, {bits}-bit table")
+        rcfg = dataclasses.replace(cfg, prune=prune, embedding_bits=bits)
+        student, _ = derive_student(teacher, evenly_spaced(layers, n))
+        student = backend.prepare(student, rcfg.recipe())
+        cal = calibration_set(student, shots, rcfg, n_calibrate=8, n_validate=8)
+        art = backend.compile(student, cal, work / f"probe-{i}", dataclasses.replace(rcfg.recipe(),
+                                                                                   variant="dynamic-per-channel"))
+        run = backend.load(art)
+        feed = synthetic_inputs(student.input_names, 1, cfg.seq_len, teacher.tokenizer.vocab_size)
+        lat = latency(lambda: run(feed), warmup=2, min_reps=10, budget_s=0.5)
+        out.append({"latency_ms": lat["p50_ms"],
+                    "size_mb": sum(p.stat().st_size for p in art.path.glob("*.onnx")) / 2**20})
+        shutil.rmtree(work / f"probe-{i}", ignore_errors=True)
+    progress("probe shapes", len(recipes), len(recipes), "")
+    traits = {"task": "text-classification", "teacher_type": teacher.info.get("model_type"),
+              "teacher_parameters": teacher.num_parameters(), "labels": len(teacher.label_names),
+              "shots": cfg.shots, "text_length": real_seq_len(task, teacher, cfg.distill.max_length)}
+    return out, traits
 
 
 def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
@@ -213,10 +274,14 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
         student, unpruned = prepare(student, backend, cfg)
     ckpt = checkpoint_dir(cfg, backend)
     with timed(timings, "distill", progress):
-        student, stats = resume_or_distill(ckpt, student, progress, lambda: distill(
-            teacher, student, transfer, keep, distill_config(cfg, transfer), cfg.seed,
-            validation=(held or validation_set(task, teacher, cfg)) if cfg.distill.evals else None,
-            progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}")))
+        if is_teacher(keep, len(teacher.layers()), cfg):  # nothing removed: the teacher is its own student
+            stats = DistillStats(steps=0, transfer_size=len(transfer), seconds=0.0, final_loss=math.nan,
+                                 layer_map=[(i, i) for i in keep])
+        else:
+            student, stats = resume_or_distill(ckpt, student, progress, lambda: distill(
+                teacher, student, transfer, keep, distill_config(cfg, transfer), cfg.seed,
+                validation=(held or validation_set(task, teacher, cfg)) if cfg.distill.evals else None,
+                progress=lambda d, t, loss: progress("distill", d, t, f"loss {loss:.4f}")))
     return Distilled(task, teacher, student, keep, transfer, stats, adaptation, unpruned, timings, ckpt,
                      learnt_from)
 
@@ -238,6 +303,15 @@ class TextClassificationTask:
     def calibration(self, d: Distilled, cfg: CompileConfig) -> CalibrationSet:
         return calibration_set(d.student, d.transfer, cfg)
 
+    def probe_shapes(self, cfg: CompileConfig, backend: Backend, recipes: list[tuple[int, float, int]],
+                     work: Path, progress: Progress) -> tuple[list[dict[str, float]], dict[str, Any]]:
+        return probe_shapes(cfg, backend, recipes, work, progress)
+
+    def teacher_layers(self, cfg: CompileConfig) -> int:
+        """How many layers the teacher has (the search's candidate depths)."""
+        task = load_data(cfg)
+        return len(load_teacher(cfg.teacher, task.label_names, trust_remote_code=cfg.trust_remote_code).layers())
+
     def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
         return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length)
 
@@ -249,4 +323,4 @@ class TextClassificationTask:
         return predict(runner or torch_runner(model), model.tokenizer, model.input_names, d.task.eval, max_length)
 
     def score(self, d: Distilled, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-        return metrics(preds, np.array([e.label for e in d.task.eval]), reference.argmax(-1))
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference)

@@ -269,10 +269,9 @@ def evaluate_images(task: ImageTaskData, teacher: ImageModel, student: ImageMode
     """Accuracy, macro-F1 and agreement with the teacher on the evaluation images."""
     labels = np.array([e.label for e in task.eval])
     t_logits = predict_images(torch_image_runner(teacher), teacher, task.eval)
-    t_pred = t_logits.argmax(-1)
-    return {"teacher": metrics(t_logits, labels, t_pred),
-            "student": metrics(predict_images(torch_image_runner(student), student, task.eval), labels, t_pred),
-            "artifact": metrics(predict_images(artifact_runner, student, task.eval), labels, t_pred)}
+    return {"teacher": metrics(t_logits, labels, t_logits),
+            "student": metrics(predict_images(torch_image_runner(student), student, task.eval), labels, t_logits),
+            "artifact": metrics(predict_images(artifact_runner, student, task.eval), labels, t_logits)}
 
 
 class ImageClassificationTask:
@@ -329,7 +328,7 @@ class ImageClassificationTask:
         return predict_images(runner or torch_image_runner(model), model, d.task.eval)
 
     def score(self, d: Any, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-        return metrics(preds, np.array([e.label for e in d.task.eval]), reference.argmax(-1))
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference)
 
 
 def native_size(task: ImageTaskData) -> int:

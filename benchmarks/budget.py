@@ -1,0 +1,123 @@
+"""Compile to a budget, leave one task out (issue 20).
+
+    python benchmarks/budget.py --tasks sst2,agnews --out bench-out/budget
+
+Phase 1, the memory: on every task, the fixed default recipe and the other fixed recipes of
+``--recipes`` are compiled; each build lands in that task's recipe memory.
+Phase 2, the search: on each task in turn, with a memory of the *other* tasks' rows only, fscompile
+searches for a budget the default recipe met on this task (its measured latency, and its
+estimated retention): latency <= the default's, estimated retention >= the default's. Reported:
+distillations spent, the pick's latency and real retention against the default's, and how the
+label-free retention estimate tracked real retention on every build.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, SHARED, Results
+
+TASKS = {  # name: (teacher, data)
+    "sst2": (str(SHARED / "teachers/minilm-sst2"), str(SHARED / "data/glue_sst2")),
+    "agnews": ("minilm", str(SHARED / "data/ag_news")),
+    "qnli": ("minilm", str(SHARED / "data/glue_qnli")),
+    "sentiment": ("minilm", None),  # the embedded default set
+}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="sst2,agnews")
+    p.add_argument("--recipes", default="default,2:0.2:4",
+                   help="fixed recipes for the memory: 'default', or layers:prune:embedding-bits")
+    p.add_argument("--max-eval", type=int, default=1000)
+    p.add_argument("--max-trials", type=int, default=3)
+    p.add_argument("--out", default=str(REPO / "bench-out/budget"))
+    return p.parse_args()
+
+
+def row(task: str, kind: str, m: dict, seconds: float) -> dict:
+    met = m["metrics"]
+    return {"task": task, "kind": kind, "layers": m["student"]["layers_kept"],
+            "prune": (m["student"].get("prepare") or {}).get("rate"), "embedding_bits": m["config"]["embedding_bits"],
+            "latency_ms": m["profile"]["artifact"]["batch1"]["p50_ms"], "size_mb": m["size_mb"]["artifact"],
+            "retention": met["artifact"]["accuracy"] / met["teacher"]["accuracy"],
+            "retention_estimate": met["artifact"]["retention_estimate"], "agreement": met["artifact"]["agreement"],
+            "teacher_accuracy": met["teacher"]["accuracy"], "accuracy": met["artifact"]["accuracy"],
+            "search": m.get("search"), "seconds": round(seconds, 1), "cpu": m["device"]["cpu"]["model"]}
+
+
+def main() -> None:
+    args = parse()
+    sys.path.insert(0, str(REPO))
+    import fscompile
+    from fscompile.errors import FscompileError
+
+    out = Path(args.out)
+    results = Results(out)
+    tasks = args.tasks.split(",")
+    mem = {t: out / f"memory-{t}.jsonl" for t in tasks}
+    default: dict[str, dict] = {}
+    done = {}
+    if results.path.is_file():  # a rerun resumes: fixed builds already measured are kept
+        done = {(r["task"], r["kind"]): r for r in map(json.loads, results.path.read_text().splitlines())}
+    for t in tasks:  # phase 1
+        teacher, data = TASKS[t]
+        for recipe in args.recipes.split(","):
+            if (t, f"fixed {recipe}") in done:
+                results.rows.append(done[(t, f"fixed {recipe}")])
+                default.setdefault(t, done[(t, "fixed default")]) if recipe == "default" else None
+                continue
+            opts = {}
+            if recipe != "default":
+                k, p, b = recipe.split(":")
+                opts = {"student_layers": k, "prune": float(p), "embedding_bits": int(b)}
+            os.environ["FSCOMPILE_MEMORY"] = str(mem[t])
+            start = time.perf_counter()
+            m = fscompile.compile(teacher, data=data, shots=10, max_eval=args.max_eval, out=out / "runs" / t / recipe,
+                                  force=True, **opts)
+            r = row(t, f"fixed {recipe}", m, time.perf_counter() - start)
+            results.record(r)
+            if recipe == "default":
+                default[t] = r
+    for t in tasks:  # phase 2
+        teacher, data = TASKS[t]
+        pooled = out / f"memory-without-{t}.jsonl"
+        pooled.write_text("".join(mem[o].read_text() for o in tasks if o != t and mem[o].is_file()))
+        os.environ["FSCOMPILE_MEMORY"] = str(pooled)
+        d = default[t]
+        budget = {"max_latency_ms": round(d["latency_ms"], 2), "min_retention": round(d["retention_estimate"], 3)}
+        start = time.perf_counter()
+        try:
+            m = fscompile.compile(teacher, data=data, shots=10, max_eval=args.max_eval, out=out / "runs" / t / "search",
+                                  force=True, max_trials=args.max_trials, **budget)
+            r = row(t, "search", m, time.perf_counter() - start)
+            r["budget"] = budget
+            r["memory_rows"] = sum(1 for _ in pooled.open())
+            r["candidates"] = json.loads((out / "runs" / t / "search" / "search.json").read_text())["candidates"]
+            results.record(r)
+        except FscompileError as e:  # the miss is a result too
+            results.record({"task": t, "kind": "search", "budget": budget, "failed": str(e)})
+        finally:
+            shutil.copy(pooled, out / f"memory-after-search-{t}.jsonl")
+    lines = ["| task | build | layers | prune | table | ms | MB | retention (real) | estimate | distillations |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.rows:
+        if "failed" in r:
+            lines.append(f"| {r['task']} | search, budget {r['budget']} | failed: {r['failed']} |")
+            continue
+        trials = r["search"]["trials"] if r.get("search") else "—"
+        lines.append(f"| {r['task']} | {r['kind']} | {len(r['layers'])} | {r['prune'] or 0:g} | {r['embedding_bits']} "
+                     f"| {r['latency_ms']:.2f} | {r['size_mb']:.1f} | {r['retention']:.4f} | "
+                     f"{r['retention_estimate']:.4f} | {trials} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Compile to a budget: search recipes (student depth, pruning, embedding bits) for the smallest,
+fastest artifact that meets the user's limits.
+
+    shape every candidate (latency, size; no training) -> drop those over budget -> distil the
+    fastest one the recipe memory expects to keep enough accuracy -> check it -> next, until one
+    meets every limit or ``max_trials`` distillations are spent
+
+Each trial is a whole compile (``pipeline.distill_stage`` + ``pipeline.build``) in a scratch
+directory; the winner is moved into ``--out`` with ``search.json`` (every candidate, its figures,
+why it was dropped) and ``pareto.png``. Every trial also lands in the recipe memory
+(:mod:`fscompile.memory`), so the next search on a similar task guesses better.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import memory
+from .budget import Budget, figures
+from .config import CompileConfig
+from .errors import BudgetUnmet, InputError
+from .outdir import check_out, locked, staged
+from .report import figure, write_json
+from .tasks import Progress, get_task
+
+PRUNE_RATES = (0.0, 0.2, 0.4)
+EMBEDDING_BITS = (8, 4)
+LATENCY_SLACK = 1.1  # shape probes are timed briefly: a probe this much over the limit may still meet it
+MEMORY_MARGIN = 0.02  # a candidate predicted this far below --min-retention is not worth a distillation
+
+
+def depths(n: int) -> list[int]:
+    """Candidate student depths: the teacher's own, two thirds, half, a third (distinct, >= 1)."""
+    return sorted({n, max(1, round(2 * n / 3)), max(1, n // 2), max(1, n // 3)}, reverse=True)
+
+
+def prior_retention(fraction: float, prune: float, bits: int) -> float:
+    """What a recipe keeps before the memory knows anything: fewer layers and more pruning cost more
+    (roughly the few-shot SST-2 and AG News rows: half the layers kept 92-97%)."""
+    if fraction >= 1 and prune == 0 and bits == 8:
+        return 0.995
+    return 1.0 - 0.15 * (1 - fraction) - 0.15 * prune - 0.01 * (bits == 4)
+
+
+def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, progress: Progress | None = None,
+        max_trials: int = 3) -> dict[str, Any]:
+    """The manifest of the smallest/fastest artifact meeting ``budget`` (written to ``out`` with
+    ``search.json``); :class:`BudgetUnmet` naming the limit no candidate met otherwise."""
+    from .pipeline import build, distill_stage, resolve_backend
+
+    progress = progress or (lambda *a: None)
+    if max_trials < 1:
+        raise InputError(f"--max-trials must be >= 1, got {max_trials}")
+    out = Path(out)
+    check_out(out, cfg.fingerprint(), force)
+    backend = resolve_backend(cfg)
+    if cfg.export_only and not backend.available()[0]:
+        raise InputError(f"a budget needs the target to run here to measure it; {cfg.target} cannot")
+    adapter = get_task(cfg)
+    if not hasattr(adapter, "probe_shapes"):
+        raise InputError(f"budgets (--max-latency-ms, --min-retention, ...) are searched for text classification "
+                         f"only so far, not {adapter.name}")
+    if cfg.student_layers or cfg.prune is not None:
+        raise InputError("with a budget fscompile chooses --student-layers and --prune itself; drop them")
+    start = time.perf_counter()
+    n = adapter.teacher_layers(cfg)
+    cands = [{"layers": k, "prune": p, "embedding_bits": b} for k in depths(n) for p in PRUNE_RATES
+             for b in EMBEDDING_BITS if not (k == n and (p > 0 or b == 4))]  # the whole teacher: as it is
+    rows = memory.load()
+    # named so that a killed search's scratch is cleaned by the next run (outdir.clean_stale)
+    with locked(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.fscompile-search", suffix=f"-{os.getpid()}",
+                                                  dir=out.parent) as tmp:
+        work = Path(tmp)
+        shapes, traits = adapter.probe_shapes(cfg, backend,
+                                              [(c["layers"], c["prune"], c["embedding_bits"]) for c in cands],
+                                              work, progress)
+        for c, shape in zip(cands, shapes):
+            c.update(shape, layer_fraction=c["layers"] / n)
+            over = budget.violations({"latency_ms": shape["latency_ms"] / LATENCY_SLACK, "size_mb": shape["size_mb"]})
+            c["status"] = f"dropped before training: {'; '.join(over)}" if over else "feasible"
+        feasible = sorted((c for c in cands if c["status"] == "feasible"),
+                          key=lambda c: (c["latency_ms"], c["size_mb"]))
+        winner, trials = None, 0
+        while feasible and trials < max_trials:
+            pick = _next(feasible, budget, rows, traits)
+            if pick is None:
+                break
+            feasible.remove(pick)
+            trials += 1
+            rcfg = dataclasses.replace(cfg, student_layers=",".join(map(str, _layers(pick["layers"], n))),
+                                       prune=pick["prune"], embedding_bits=pick["embedding_bits"])
+            progress("search", trials, max_trials, f"trial {trials}: {pick['layers']} layers, prune "
+                     f"{pick['prune']:g}, {pick['embedding_bits']}-bit table")
+            trial_dir = work / f"trial-{trials}"
+            trial_dir.mkdir()
+            manifest = build(distill_stage(rcfg, backend, progress), backend, rcfg, trial_dir, progress,
+                             time.perf_counter())
+            row = memory.row_from_manifest(manifest, source="search")
+            rows.append(row)  # build() recorded it too; this search learns from it at once
+            pick.update(measured=figures(manifest), trial=trials, dir=str(trial_dir))
+            over = budget.violations(pick["measured"])
+            pick["status"] = f"trained, missed: {'; '.join(over)}" if over else "meets the budget"
+            if not over:
+                winner = pick
+                break
+        for c in feasible:
+            c.setdefault("status", "not tried")
+            if c["status"] == "feasible":
+                c["status"] = f"not tried ({'a faster one met the budget' if winner else 'trials spent'})"
+        report = {"budget": budget.limits(), "teacher_layers": n, "trials": trials, "max_trials": max_trials,
+                  "seconds": round(time.perf_counter() - start, 1), "candidates": cands,
+                  "winner": _label(winner) if winner else None}
+        if winner is None:
+            raise BudgetUnmet(_unmet(cands, budget, trials))
+        with staged(out) as stage:
+            shutil.copytree(winner["dir"], stage, dirs_exist_ok=True)
+            for c in cands:
+                c.pop("dir", None)
+            manifest = _with_search(stage, report)
+            pareto(cands, stage / "pareto.png")
+    manifest["out_dir"] = str(out.resolve())
+    return manifest
+
+
+def _layers(k: int, n: int) -> list[int]:
+    from .tasks.text import evenly_spaced
+
+    return evenly_spaced(k, n)
+
+
+def _predicted(c: dict[str, Any], rows: list[dict[str, Any]], traits: dict[str, Any]) -> float:
+    """Retention the memory expects of candidate ``c``, the prior counting as one nearby row."""
+    recipe = {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}
+    prior = prior_retention(c["layer_fraction"], c["prune"], c["embedding_bits"])
+    c["predicted_retention"], used = memory.predict_retention(rows, traits, recipe, prior=prior)
+    c["predicted_from"] = f"prior + {used} memory rows" if used else "prior"
+    return c["predicted_retention"]
+
+
+def _next(feasible: list[dict[str, Any]], budget: Budget, rows: list[dict[str, Any]],
+          traits: dict[str, Any]) -> dict[str, Any] | None:
+    """The fastest feasible candidate expected to keep ``--min-retention`` (the fastest of all
+    without one; the most retentive one left when none is expected to)."""
+    for c in feasible:
+        _predicted(c, rows, traits)
+    if budget.min_retention is None:
+        return feasible[0]
+    hopeful = [c for c in feasible if c["predicted_retention"] >= budget.min_retention - MEMORY_MARGIN]
+    for c in feasible:
+        if c not in hopeful:
+            c["status"] = (f"skipped: predicted retention {c['predicted_retention']:.3f} "
+                           f"({c['predicted_from']}) < {budget.min_retention:g}")
+    return hopeful[0] if hopeful else max(feasible, key=lambda c: c["predicted_retention"])
+
+
+def _label(c: dict[str, Any]) -> str:
+    return f"{c['layers']} layers, prune {c['prune']:g}, {c['embedding_bits']}-bit table"
+
+
+def _unmet(cands: list[dict[str, Any]], budget: Budget, trials: int) -> str:
+    """One line: the budget, what failed, and the closest candidate's figures."""
+    measured = [c for c in cands if "measured" in c]
+    if measured:
+        best = min(measured, key=lambda c: len(budget.violations(c["measured"])))
+        f = best["measured"]
+        why = "; ".join(budget.violations(f))
+        return (f"no recipe met the budget ({budget.describe()}) in {trials} distillation(s); closest: "
+                f"{_label(best)}: {why} (latency {f['latency_ms']:.2f} ms, {f['size_mb']:.1f} MB, estimated retention "
+                f"{f['retention']:.3f})")
+    shaped = [c for c in cands if "latency_ms" in c]
+    best = min(shaped, key=lambda c: (len(budget.violations(c)), c["latency_ms"]))
+    return (f"no recipe can meet the budget ({budget.describe()}): every candidate was over it before training; "
+            f"closest: {_label(best)} at {best['latency_ms']:.2f} ms, {best['size_mb']:.1f} MB"
+            if all(c["status"].startswith("dropped") for c in shaped) else
+            f"no recipe met the budget ({budget.describe()}): none of the candidates within latency and size is "
+            f"expected to keep the retention; the most promising, {_label(best)}, is predicted at "
+            f"{best.get('predicted_retention', float('nan')):.3f}")
+
+
+def _with_search(stage: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The winner's manifest and report with the search added (search.json holds the details)."""
+    import json
+
+    from .outdir import MANIFEST
+
+    write_json(stage / "search.json", report)
+    manifest = json.loads((stage / MANIFEST).read_text())
+    manifest["search"] = {k: report[k] for k in ("budget", "trials", "max_trials", "seconds", "winner")}
+    write_json(stage / MANIFEST, manifest)
+    lines = ["", "## Budget search", "", f"Budget: {Budget(**_budget_kwargs(report['budget'])).describe()}; "
+             f"{report['trials']} distillation(s) of {report['max_trials']} allowed, {report['seconds']:.0f} s. "
+             "Shapes timed before training (dynamic INT8); trained candidates measured as built.", "",
+             "| layers | prune | table bits | shape ms | shape MB | predicted retention | measured ms | MB | "
+             "est. retention | outcome |", "|" + "---|" * 10]
+    for c in report["candidates"]:
+        m = c.get("measured") or {}
+        cell = (lambda v, f: "—" if v is None else format(v, f))
+        lines.append(f"| {c['layers']} | {c['prune']:g} | {c['embedding_bits']} | {c['latency_ms']:.2f} | "
+                     f"{c['size_mb']:.1f} | {cell(c.get('predicted_retention'), '.3f')} | "
+                     f"{cell(m.get('latency_ms'), '.2f')} | {cell(m.get('size_mb'), '.1f')} | "
+                     f"{cell(m.get('retention'), '.3f')} | {c['status']} |")
+    with (stage / "report.md").open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    return manifest
+
+
+def _budget_kwargs(limits: dict[str, float | None]) -> dict[str, float | None]:
+    return {"max_latency_ms": limits["latency_ms"], "max_size_mb": limits["size_mb"],
+            "max_peak_mb": limits["peak_mb"], "min_retention": limits["retention"]}
+
+
+def pareto(cands: list[dict[str, Any]], path: Path) -> None:
+    """Shape latency of every candidate against retention: estimated for the trained ones (blue),
+    predicted for the others (grey), in the bench's style."""
+    with figure(path, "batch-1 latency p50 of the shape (ms)", "retention (trained: estimated; x: predicted)",
+                "budget search: trained candidates (blue) and predictions (grey)") as ax:
+        for c in cands:
+            y = (c.get("measured") or {}).get("retention") or c.get("predicted_retention")
+            if y is None:
+                continue
+            trained = "measured" in c
+            ax.plot(c["latency_ms"], y, "o" if trained else "x", color="tab:blue" if trained else "grey")
+            ax.annotate(f"{c['layers']}L p{c['prune']:g} {c['embedding_bits']}b", (c["latency_ms"], y), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")

@@ -1,0 +1,97 @@
+"""Compile to a budget: budgets, the label-free retention estimate, the recipe memory, the search."""
+import json
+import multiprocessing
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fscompile import memory
+from fscompile.budget import Budget
+from fscompile.cli import main
+from fscompile.evaluate import retention_estimate
+
+FAST = ["--steps", "4", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16",
+        "--generator", "none", "--shots", "3"]
+
+
+def test_budget_names_what_fails():
+    b = Budget(max_latency_ms=2, max_size_mb=10, min_retention=0.97)
+    assert b.violations({"latency_ms": 1.5, "size_mb": 9.0, "retention": 0.98}) == []
+    assert b.violations({"latency_ms": 3.1, "size_mb": 12.0, "retention": 0.9}) == [
+        "latency 3.1 ms > 2 ms", "size 12 MB > 10 MB", "retention 0.900 < 0.97"]
+    assert not Budget() and Budget(max_peak_mb=100)
+    with pytest.raises(ValueError, match="--min-retention must be in"):
+        Budget(min_retention=1.5)
+
+
+def test_retention_estimate_weighs_disagreements_by_the_teachers_confidence():
+    sure = np.log(np.array([[0.99, 0.01]] * 10))
+    unsure = np.log(np.array([[0.55, 0.45]] * 10))
+    agree, one_off = np.zeros(10, dtype=int), np.array([1] + [0] * 9)
+    assert retention_estimate(sure, agree) == pytest.approx(1.0)
+    assert retention_estimate(sure, one_off) == pytest.approx(0.9 + 0.1 * 0.01 / 0.99)  # a whole point lost
+    assert retention_estimate(unsure, one_off) == pytest.approx(0.9 + 0.1 * 0.45 / 0.55)  # most of it kept
+
+
+def _writer(path: str, k: int, n: int) -> None:
+    for i in range(n):
+        memory.record({"writer": k, "i": i, "pad": "x" * 3000}, memory.Path(path))
+
+
+def test_memory_keeps_every_row_of_concurrent_writers(tmp_path):
+    path = tmp_path / "recipes.jsonl"
+    procs = [multiprocessing.get_context("spawn").Process(target=_writer, args=(str(path), k, 60)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    rows = memory.load(path)
+    assert len(rows) == 240 and {(r["writer"], r["i"]) for r in rows} == {(k, i) for k in range(4) for i in range(60)}
+
+
+def test_memory_prediction_follows_the_nearest_rows():
+    task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
+    recipe = {"layer_fraction": 0.5, "prune": 0.2, "embedding_bits": 8}
+    rows = [{**task, "recipe": recipe, "retention": 0.90}] * 3 + [
+        {**task, "task": "image-classification", "recipe": recipe, "retention": 0.5}]
+    guess, used = memory.predict_retention(rows, task, recipe, prior=0.99)
+    assert used == 3 and 0.90 < guess < 0.92  # three exact rows outweigh the prior; other tasks do not count
+    assert memory.predict_retention([], task, recipe, prior=0.99) == (pytest.approx(0.99), 0)
+
+
+def test_a_budget_no_recipe_meets_fails_before_training(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, [str(tiny_teacher), "--out", str(out), "--max-latency-ms", "0.0001", *FAST])
+    assert r.exit_code == 6, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert "no recipe can meet the budget (latency ≤ 0.0001 ms)" in line and "closest: 1 layers" in line
+    assert "Traceback" not in r.output and not out.exists() and not list(tmp_path.glob(".out*"))
+    assert memory.load() == []  # nothing was distilled or built
+
+
+def test_a_budget_only_the_teacher_meets_picks_it(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, [str(tiny_teacher), "--out", str(out), "--target", "ort-fp32",
+                                  "--min-retention", "0.999", "--json", *FAST])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["search"]["winner"] == "4 layers, prune 0, 8-bit table" and m["search"]["trials"] == 1
+    assert m["student"]["layers_kept"] == [0, 1, 2, 3] and m["distillation"]["steps"] == 0
+    search = json.loads((out / "search.json").read_text())
+    status = {(c["layers"], c["prune"], c["embedding_bits"]): c["status"] for c in search["candidates"]}
+    assert status[(4, 0.0, 8)] == "meets the budget"
+    assert status[(2, 0.2, 8)].startswith("skipped: predicted retention")
+    assert "## Budget search" in (out / "report.md").read_text() and (out / "pareto.png").is_file()
+    rows = memory.load()
+    assert len(rows) == 1 and rows[0]["recipe"]["layers"] == 4 and rows[0]["retention_estimate"] >= 0.999
+
+
+def test_budget_flags_refuse_a_fixed_recipe(tiny_teacher, tmp_path):
+    r = CliRunner().invoke(main, [str(tiny_teacher), "--out", str(tmp_path / "o"), "--max-size-mb", "5",
+                                  "--prune", "0.3", *FAST])
+    assert r.exit_code == 3 and "chooses --student-layers and --prune itself" in r.output
+    r = CliRunner().invoke(main, [str(tiny_teacher), "--max-latency-ms", "-1", *FAST])
+    assert r.exit_code == 2 and "--max-latency-ms must be a positive number" in r.output
