@@ -154,8 +154,34 @@ def quantize_embeddings(src: Path, dst: Path, bits: int = 4, block_size: int = 1
                              op_types_to_quantize=("Gather",), quant_axes=axes, algo_config=algo)
     with np.errstate(invalid="ignore", divide="ignore"):  # all-zero rows (padding) have scale 0; ORT handles it
         q.process()
+    reduce_axes_as_inputs(q.model.model)  # the quantizer lifts the opset to 21 without converting any node
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
     return dst
+
+
+# Reductions whose ``axes`` moved from an attribute to an input in opset 18 (ReduceSum did in 13).
+AXES_INPUT_SINCE_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+                       "ReduceMin", "ReduceProd", "ReduceSumSquare")
+
+
+def reduce_axes_as_inputs(model: Any) -> int:
+    """Rewrite ``axes`` attributes of opset-17 reductions as inputs, for a graph whose opset import
+    was lifted to 18+ (a sentence-transformers body's normalisation is a ReduceL2). Returns how many."""
+    import onnx
+
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 18:
+        return 0
+    done = 0
+    for node in model.graph.node:
+        axes = next((a for a in node.attribute if a.name == "axes"), None)
+        if node.op_type not in AXES_INPUT_SINCE_18 or axes is None:
+            continue
+        name = f"{node.name or node.output[0]}_axes"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(list(axes.ints), dtype=np.int64), name))
+        node.attribute.remove(axes)
+        node.input.append(name)
+        done += 1
+    return done
 
 
 def weight_only_int4(src: Path, dst: Path, block_size: int = 32) -> Path:
@@ -310,7 +336,7 @@ class OrtInt8Backend(_OrtBackend):
                     errors[name] = str(e).splitlines()[0][:200]
             if not candidates:
                 raise StageError(f"INT8 quantization failed: {errors}")
-            choice, table = self._choose(fused, candidates, calibration, recipe.seq_len)
+            choice, table = self._choose(fused, candidates, calibration, recipe.seq_len, errors)
             info.update({"variant": choice, "candidates": table, "errors": errors,
                     "calibration_samples": calibration.num_calibration_samples,
                     "validation_samples": calibration.num_validation_samples,
@@ -360,13 +386,19 @@ class OrtInt8Backend(_OrtBackend):
                         extra_options={"CalibMovingAverage": True} if method == "minmax" else {})
 
     @staticmethod
-    def _choose(reference: Path, candidates: dict[str, Path], calibration: CalibrationSet,
-                seq_len: int) -> tuple[str, dict[str, dict[str, float]]]:
+    def _choose(reference: Path, candidates: dict[str, Path], calibration: CalibrationSet, seq_len: int,
+                errors: dict[str, str]) -> tuple[str, dict[str, dict[str, float]]]:
+        """The variant to keep, and every candidate's figures; one that ONNX Runtime will not load
+        is recorded in ``errors`` and left out, as one that failed to build."""
         ref = OrtRunner(reference)
         ref_pred = [decisions(ref(b)) for b in calibration.validate]
         table: dict[str, dict[str, float]] = {}
         for name, path in candidates.items():
-            run = OrtRunner(path)
+            try:
+                run = OrtRunner(path)
+            except Exception as e:  # an invalid graph from a quantizer: the others may still serve
+                errors[name] = f"does not load: {str(e).splitlines()[0][:200]}"
+                continue
             agree = np.concatenate([(decisions(run(b)) == r).reshape(-1) for b, r in zip(calibration.validate, ref_pred)])
             # a real validation row repeated to the profiling length: valid ids for any vocabulary
             probe = {k: np.resize(v[:1], (1, seq_len)) if v.ndim == 2 else v[:1]  # images keep their shape
@@ -374,4 +406,6 @@ class OrtInt8Backend(_OrtBackend):
             lat = latency(lambda: run(probe), warmup=2, min_reps=10, max_reps=60, budget_s=1.0)
             table[name] = {"agreement": float(agree.mean()), "b1_p50_ms": lat["p50_ms"],
                            "size_mb": onnx_size_mb(path)}
+        if not table:
+            raise StageError(f"INT8 quantization failed: {errors}")
         return choose(table, calibration.num_validation_samples), table

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import REPO, SHARED, Results
 
+LATENCY_SLACK = 1.15
+
 TASKS = {  # name: (teacher, data)
     "sst2": (str(SHARED / "teachers/minilm-sst2"), str(SHARED / "data/glue_sst2")),
     "agnews": ("minilm", str(SHARED / "data/ag_news")),
@@ -48,8 +50,37 @@ def row(task: str, kind: str, m: dict, seconds: float) -> dict:
             "latency_ms": m["profile"]["artifact"]["batch1"]["p50_ms"], "size_mb": m["size_mb"]["artifact"],
             "retention": met["artifact"]["accuracy"] / met["teacher"]["accuracy"],
             "retention_estimate": met["artifact"]["retention_estimate"], "agreement": met["artifact"]["agreement"],
+            "retention_estimates": met["artifact"].get("retention_estimates"),
             "teacher_accuracy": met["teacher"]["accuracy"], "accuracy": met["artifact"]["accuracy"],
             "search": m.get("search"), "seconds": round(seconds, 1), "cpu": m["device"]["cpu"]["model"]}
+
+
+def default_latency(run: Path, times: int = 3) -> float:
+    """Median batch-1 p50 of ``times`` fresh-process profiles of a compiled artifact (128 tokens)."""
+    import numpy as np
+
+    from fscompile.profile import ProfileRequest, profile_model
+
+    req = ProfileRequest("onnx", str(run / "model" / "model.onnx"), 30000, 128, batches=(1,))
+    return float(np.median([profile_model(req)["batch1"]["p50_ms"] for _ in range(times)]))
+
+
+def side_by_side(a: Path, b: Path, seq_len: int = 128, rounds: int = 7) -> dict:
+    """Batch-1 latency of two artifacts timed in turns in one process (same machine state), p50 each
+    and the ratio b / a: what "as fast as the default" means when runs differ by 30%."""
+    import numpy as np
+
+    from fscompile.backends.onnxruntime import OrtRunner
+    from fscompile.profile import latency, synthetic_inputs
+
+    runs = [OrtRunner(p / "model" / "model.onnx") for p in (a, b)]
+    feeds = [synthetic_inputs(r.names, 1, seq_len, 30000) for r in runs]
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, (r, f) in enumerate(zip(runs, feeds)):
+            times[i].append(latency(lambda r=r, f=f: r(f), warmup=2, min_reps=20, budget_s=0.5)["p50_ms"])
+    p50 = [float(np.median(t)) for t in times]
+    return {"default_ms": p50[0], "pick_ms": p50[1], "ratio": p50[1] / p50[0]}
 
 
 def main() -> None:
@@ -57,6 +88,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import fscompile
     from fscompile.errors import FscompileError
+    from fscompile.evaluate import RETENTION_TEMPERATURE
 
     out = Path(args.out)
     results = Results(out)
@@ -91,7 +123,12 @@ def main() -> None:
         pooled.write_text("".join(mem[o].read_text() for o in tasks if o != t and mem[o].is_file()))
         os.environ["FSCOMPILE_MEMORY"] = str(pooled)
         d = default[t]
-        budget = {"max_latency_ms": round(d["latency_ms"], 2), "min_retention": round(d["retention_estimate"], 3)}
+        # the default's own figures, latency re-measured now (median of 3 profiles, as a compile profiles)
+        # with 15% slack: the same artifact measured 2.07 and 2.71 ms in two runs here, so a budget at
+        # exactly one figure is a coin toss, not a test
+        est = (d.get("retention_estimates") or {}).get(str(RETENTION_TEMPERATURE), d["retention_estimate"])
+        typical = default_latency(out / "runs" / t / "default")
+        budget = {"max_latency_ms": round(LATENCY_SLACK * typical, 2), "min_retention": round(est, 3)}
         start = time.perf_counter()
         try:
             m = fscompile.compile(teacher, data=data, shots=10, max_eval=args.max_eval, out=out / "runs" / t / "search",
@@ -100,9 +137,12 @@ def main() -> None:
             r["budget"] = budget
             r["memory_rows"] = sum(1 for _ in pooled.open())
             r["candidates"] = json.loads((out / "runs" / t / "search" / "search.json").read_text())["candidates"]
+            r["vs_default"] = side_by_side(out / "runs" / t / "default", out / "runs" / t / "search")
+            r["default_retention_estimate"] = est
             results.record(r)
         except FscompileError as e:  # the miss is a result too
-            results.record({"task": t, "kind": "search", "budget": budget, "failed": str(e)})
+            results.record({"task": t, "kind": "search", "budget": budget, "failed": str(e),
+                            "candidates": getattr(e, "report", {}).get("candidates")})
         finally:
             shutil.copy(pooled, out / f"memory-after-search-{t}.jsonl")
     lines = ["| task | build | layers | prune | table | ms | MB | retention (real) | estimate | distillations |",

@@ -4,7 +4,8 @@ Reads recipe-memory files (``recipes.jsonl``: every compile, bench draw and sear
 row) and benchmark result files, keeps the rows that carry both the measured retention (artifact
 accuracy / teacher accuracy, from labels) and ``retention_estimate`` (from the teacher's
 probabilities, no labels; ``fscompile.evaluate.retention_estimate``), and reports how often the
-estimate lands within 1.5 points, beside plain agreement with the teacher as the naive estimate.
+estimate lands within 1.5 points, beside plain agreement with the teacher as the naive estimate, and
+what each temperature ``fscompile.evaluate.RETENTION_TEMPERATURE`` could take would give.
 
     python benchmarks/retention.py bench-out/budget/*.jsonl ~/.cache/fscompile/recipes.jsonl
 """
@@ -50,6 +51,12 @@ def main() -> None:
     print(f"estimate within {args.tolerance:.1%}: {(np.abs(err) <= args.tolerance).mean():.0%} of builds; "
           f"mean |error| {np.abs(err).mean():.4f}, mean error {err.mean():+.4f}, worst {err[np.abs(err).argmax()]:+.4f}")
     print(f"agreement as the estimate, within {args.tolerance:.1%}: {(np.abs(agree - y) <= args.tolerance).mean():.0%}")
+    temps = sorted({t for r in data for t in (r.get("retention_estimates") or {})}, key=float)
+    for t in temps:  # what RETENTION_TEMPERATURE would give (rows that recorded every temperature)
+        have = [r for r in data if t in (r.get("retention_estimates") or {})]
+        e = np.array([r["retention_estimates"][t] - r["retention"] for r in have])
+        print(f"  at temperature {t}: within {args.tolerance:.1%} on {(np.abs(e) <= args.tolerance).mean():.0%} of "
+              f"{len(have)} builds, mean |error| {np.abs(e).mean():.4f}, mean error {e.mean():+.4f}")
     for r, e in zip(data, err):
         print(f"  {r.get('task')}: {r.get('recipe', {}).get('layers', r.get('layers'))} layers, retention "
               f"{r['retention']:.4f}, estimate {r['retention_estimate']:.4f} ({e:+.4f})")

@@ -64,6 +64,27 @@ def _library_output(verbose: bool) -> Iterator[None]:
         yield
 
 
+HUB_HOST = ("huggingface.co", 443)
+
+
+def _offline_if_unreachable(timeout: float = 3.0) -> None:
+    """Without ``HF_HUB_OFFLINE``, an absent network costs every Hub lookup its retries (about 20 s
+    each, measured). One connection attempt decides instead: unreachable means offline for this
+    run, said once; local, packaged and cached models still load."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        if "huggingface_hub" in sys.modules:  # read once at import: already imported by the library setup
+            sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+        click.echo(f"note: {HUB_HOST[0]} is unreachable; working offline (local, packaged and cached models only)",
+                   err=True)
+
+
 @contextlib.contextmanager
 def _deadline(seconds: float | None) -> Iterator[None]:
     """End the compile after ``seconds``: the alarm raises in the main thread wherever it is, so the
@@ -226,6 +247,7 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         out = out or Path("fscompile-out") / cfg.run_name()
+        _offline_if_unreachable()
         with ProgressUI(enabled=not quiet and not as_json) as ui, _library_output(verbose), _deadline(timeout):
             if budget:
                 from .search import run as search

@@ -27,9 +27,14 @@ class StageError(FscompileError):
 
 
 class BudgetUnmet(FscompileError):
-    """No recipe met the budget (--max-latency-ms, --min-retention, ...) (exit code 6)."""
+    """No recipe met the budget (--max-latency-ms, --min-retention, ...) (exit code 6). ``report``:
+    every candidate with its figures and why it was dropped (what ``search.json`` holds on success)."""
 
     exit_code = 6
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
 
 
 # click uses 2 for usage errors; 1 is kept for unexpected internal errors.

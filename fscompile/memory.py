@@ -51,6 +51,7 @@ def row_from_manifest(m: dict[str, Any], source: str = "compile") -> dict[str, A
         "peak_mb": m["profile"]["artifact"].get("peak_rss_mb"),
         "agreement": art.get("agreement"),
         "retention_estimate": art.get("retention_estimate"),
+        "retention_estimates": art.get("retention_estimates"),
         "retention": acc / t_acc if acc is not None and t_acc else None,
         "cpu": m["device"]["cpu"].get("model"),
         "fingerprint": m["fingerprint"],

@@ -41,7 +41,9 @@ def check_out(out: Path, fingerprint: str, force: bool) -> None:
         raise InputError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         try:
-            same = json.loads((out / MANIFEST).read_text()).get("fingerprint") == fingerprint
+            previous = json.loads((out / MANIFEST).read_text())
+            # a budget search's output is the winning trial's manifest, with the search's own fingerprint
+            same = fingerprint in (previous.get("fingerprint"), (previous.get("search") or {}).get("fingerprint"))
         except (OSError, ValueError):
             same = False
         if not same:
@@ -61,6 +63,17 @@ def check_out(out: Path, fingerprint: str, force: bool) -> None:
     except OSError as e:
         raise InputError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
     clean_stale(out)
+
+
+def check_space(out: Path, teacher_files: list[Path], factor: float = 3.0) -> None:
+    """Refuse before any work when the disk beside ``out`` cannot hold roughly ``factor`` times the
+    teacher's weights (the staged artifact, plus teacher and student saved for profiling): a full
+    disk found at the last rename wastes the whole compile. Teachers not on disk are not checked."""
+    need = factor * sum(p.stat().st_size for p in teacher_files if p.is_file())
+    free = shutil.disk_usage(out.parent).free
+    if need and free < need:
+        raise InputError(f"--out {out}: {free / 2**20:,.0f} MB free in {out.parent}, the compile needs about "
+                         f"{need / 2**20:,.0f} MB (3x the teacher's weights); free some space or choose another place")
 
 
 @contextlib.contextmanager

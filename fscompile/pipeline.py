@@ -8,10 +8,12 @@ knows a task only through the adapter protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,9 @@ from typing import Any
 from . import memory
 from .backends import Artifact, Backend, get_backend
 from .config import CompileConfig
-from .errors import TargetUnavailable
+from .errors import StageError, TargetUnavailable
 from .models.base import weights_sha256
-from .outdir import MANIFEST, check_out, locked, staged
+from .outdir import MANIFEST, check_out, check_space, locked, staged
 from .profile import device_info, peak_rss_mb, profile_all
 from .report import render_markdown, write_json
 from .tasks import Distilled, Progress, TaskAdapter, get_task, timed
@@ -41,6 +43,18 @@ def resolve_backend(cfg: CompileConfig) -> Backend:
         raise TargetUnavailable(f"target {cfg.target!r} is not available here: {why} "
                                 "(--export-only builds its portable files without running it)")
     return backend
+
+
+def teacher_weights(spec: str, weights: str | None) -> list[Path]:
+    """The teacher's weight files where they are on disk (a local directory, ``--weights``, a
+    ``.gguf``); none for a Hub id or an architecture name."""
+    files = [Path(weights)] if weights else []
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        files += [f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")]
+    elif p.suffix == ".gguf":
+        files.append(p)
+    return files
 
 
 def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
@@ -120,7 +134,10 @@ def _manifest(d: Distilled, adapter: TaskAdapter, backend: Backend, cfg: Compile
         "data": {"source": task.source, "columns": task.columns, "label_names": task.label_names,
                  "shot_split": task.shot_split, "shot_indices": task.shot_indices,
                  "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval),
-                 "input_length": lengths[0], "real_seq_len": lengths[1]},
+                 "input_length": lengths[0], "real_seq_len": lengths[1],
+                 # rows left out (empty text, evaluation rows repeating a shot) and labels folded by case
+                 "dropped": (getattr(task, "info", None) or {}).get("dropped") or {},
+                 "labels_merged": (getattr(task, "info", None) or {}).get("labels_merged") or {}},
         "student": {"architecture": getattr(student, "arch", None), "layers_kept": d.keep,
                     "teacher_layers": student.info.get("teacher_layers"),
                     "prepare": student.info.get("prepare"), "weights_sha256": weights_sha256(student),
@@ -142,17 +159,36 @@ def _manifest(d: Distilled, adapter: TaskAdapter, backend: Backend, cfg: Compile
     }
 
 
+@contextlib.contextmanager
+def named_stage_errors(current: list[str]) -> Iterator[None]:
+    """A stage failure names the stage it happened in and says that nothing was written (the
+    staging directory is gone by then): "profile: ... ; nothing was written"."""
+    try:
+        yield
+    except StageError as e:
+        said = "nothing was written" in str(e)
+        raise StageError(f"{current[0]}: {e}{'' if said else '; nothing was written'}") from e
+
+
 def run(cfg: CompileConfig, out: Path, *, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Compile ``cfg`` into ``out`` and return the manifest. Nothing is written on failure."""
     progress = progress or _noop
     start = time.perf_counter()
     out = Path(out)
     check_out(out, cfg.fingerprint(), force)
-    with locked(out):
+    check_space(out, teacher_weights(cfg.teacher, cfg.weights))
+    current = ["start"]
+
+    def track(stage: str, done: int, total: int, detail: str = "") -> None:
+        if done == 0:
+            current[0] = stage
+        progress(stage, done, total, detail)
+
+    with locked(out), named_stage_errors(current):
         backend = resolve_backend(cfg)
-        d = distill_stage(cfg, backend, progress)
+        d = distill_stage(cfg, backend, track)
         with staged(out) as stage:
-            manifest = build(d, backend, cfg, stage, progress, start)
+            manifest = build(d, backend, cfg, stage, track, start)
     if d.checkpoint is not None:  # the run landed: its resume point is no longer needed
         shutil.rmtree(d.checkpoint, ignore_errors=True)
     manifest["out_dir"] = str(out.resolve())

@@ -130,6 +130,12 @@ def render_markdown(m: dict[str, Any]) -> str:
         f"- Artifact keeps {m['metrics']['artifact']['accuracy'] / t_acc:.1%} of the teacher's {metric_names(m)[0]}."
         if t_acc else "- Teacher accuracy is 0.",
     ]
+    parts = []
+    if data.get("dropped"):
+        parts.append("left out " + ", ".join(f"{n} {k}" for k, n in data["dropped"].items()))
+    parts += [f"label {a!r} read as {b!r}" for a, b in (data.get("labels_merged") or {}).items()]
+    if parts:
+        lines.append(f"- Data: {'; '.join(parts)}.")
     src = m["distillation"].get("sources") or {}
     if src:
         learnt = [f"{src.get('shot', 0)} labelled shots", f"{src.get('augmented', 0)} augmented variants"]

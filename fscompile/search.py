@@ -13,6 +13,8 @@ why it was dropped) and ``pareto.png``. Every trial also lands in the recipe mem
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,7 +26,7 @@ from . import memory
 from .budget import Budget, figures
 from .config import CompileConfig
 from .errors import BudgetUnmet, InputError
-from .outdir import check_out, locked, staged
+from .outdir import check_out, check_space, locked, staged
 from .report import figure, write_json
 from .tasks import Progress, get_task
 
@@ -51,13 +53,16 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
         max_trials: int = 3) -> dict[str, Any]:
     """The manifest of the smallest/fastest artifact meeting ``budget`` (written to ``out`` with
     ``search.json``); :class:`BudgetUnmet` naming the limit no candidate met otherwise."""
-    from .pipeline import build, distill_stage, resolve_backend
+    from .pipeline import build, distill_stage, resolve_backend, teacher_weights
 
     progress = progress or (lambda *a: None)
     if max_trials < 1:
         raise InputError(f"--max-trials must be >= 1, got {max_trials}")
     out = Path(out)
-    check_out(out, cfg.fingerprint(), force)
+    # the search is its own run: the same config under another budget is a different one
+    fingerprint = hashlib.sha256(json.dumps([cfg.fingerprint(), budget.limits(), max_trials]).encode()).hexdigest()[:12]
+    check_out(out, fingerprint, force)
+    check_space(out, teacher_weights(cfg.teacher, cfg.weights))
     backend = resolve_backend(cfg)
     if cfg.export_only and not backend.available()[0]:
         raise InputError(f"a budget needs the target to run here to measure it; {cfg.target} cannot")
@@ -82,6 +87,8 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
         for c, shape in zip(cands, shapes):
             c.update(shape, layer_fraction=c["layers"] / n)
             over = budget.violations({"latency_ms": shape["latency_ms"] / LATENCY_SLACK, "size_mb": shape["size_mb"]})
+            if "error" in shape:
+                over = [f"does not build: {shape['error']}"]
             c["status"] = f"dropped before training: {'; '.join(over)}" if over else "feasible"
         feasible = sorted((c for c in cands if c["status"] == "feasible"),
                           key=lambda c: (c["latency_ms"], c["size_mb"]))
@@ -112,11 +119,13 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             c.setdefault("status", "not tried")
             if c["status"] == "feasible":
                 c["status"] = f"not tried ({'a faster one met the budget' if winner else 'trials spent'})"
-        report = {"budget": budget.limits(), "teacher_layers": n, "trials": trials, "max_trials": max_trials,
+        report = {"fingerprint": fingerprint, "budget": budget.limits(), "teacher_layers": n, "trials": trials, "max_trials": max_trials,
                   "seconds": round(time.perf_counter() - start, 1), "candidates": cands,
                   "winner": _label(winner) if winner else None}
         if winner is None:
-            raise BudgetUnmet(_unmet(cands, budget, trials))
+            for c in cands:
+                c.pop("dir", None)
+            raise BudgetUnmet(_unmet(cands, budget, trials), report)
         with staged(out) as stage:
             shutil.copytree(winner["dir"], stage, dirs_exist_ok=True)
             for c in cands:
@@ -184,13 +193,11 @@ def _unmet(cands: list[dict[str, Any]], budget: Budget, trials: int) -> str:
 
 def _with_search(stage: Path, report: dict[str, Any]) -> dict[str, Any]:
     """The winner's manifest and report with the search added (search.json holds the details)."""
-    import json
-
     from .outdir import MANIFEST
 
     write_json(stage / "search.json", report)
     manifest = json.loads((stage / MANIFEST).read_text())
-    manifest["search"] = {k: report[k] for k in ("budget", "trials", "max_trials", "seconds", "winner")}
+    manifest["search"] = {k: report[k] for k in ("fingerprint", "budget", "trials", "max_trials", "seconds", "winner")}
     write_json(stage / MANIFEST, manifest)
     lines = ["", "## Budget search", "", f"Budget: {Budget(**_budget_kwargs(report['budget'])).describe()}; "
              f"{report['trials']} distillation(s) of {report['max_trials']} allowed, {report['seconds']:.0f} s. "

@@ -159,3 +159,27 @@ def test_variants_are_compared_on_generated_text_where_there_is_some(student):
     assert validated <= {tuple(student.tokenizer(t)["input_ids"]) for t in gen}
     assert cal.num_calibration_samples == 16
     assert n_aug < 80 + n_aug == len(with_gen)
+
+
+def test_four_bit_table_keeps_a_graph_with_opset_17_reductions_valid(tmp_path):
+    """The embedding quantizer lifts the opset to 21; a sentence-transformers body normalises with a
+    ReduceL2 whose axes are an attribute before opset 18 (AG News with minilm failed on this)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fscompile.backends.onnxruntime import quantize_embeddings
+
+    table = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("ReduceL2", ["emb"], ["norm"], name="l2", axes=[-1], keepdims=1),
+         helper.make_node("Div", ["emb", "norm"], ["out"], name="div")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 64])], [numpy_helper.from_array(table, "table")])
+    src, dst = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    quantize_embeddings(src, dst, bits=4)
+    ids = np.array([1, 5, 299])
+    out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    ref = table[ids] / np.linalg.norm(table[ids], axis=-1, keepdims=True)
+    assert np.abs(out - ref).max() < 0.1  # 4-bit rows, normalised as before

@@ -135,17 +135,18 @@ def test_same_seed_same_everything(tiny_headless, tmp_path):
 ROW = st.dictionaries(st.sampled_from(["text", "label", "sentence", "x", "", "question"]),
                       st.one_of(st.text(max_size=30), st.integers(-3, 5), st.none(), st.floats(allow_nan=True)),
                       max_size=4)
-FUZZ_COUNT = {"loaders": 0, "cli": 0}
+FUZZ_COUNT = {"loaders": 0, "cli": 0, "archives": 0}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(ROW, max_size=12), fmt=st.sampled_from(["jsonl", "csv", "tsv", "raw"]),
-       raw=st.binary(max_size=200), shots=st.integers(1, 3))
-def test_fuzz_loaders_raise_only_input_errors(tmp_path_factory, rows, fmt, raw, shots):
+       raw=st.binary(max_size=200), bom=st.sampled_from([b"", b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff"]),
+       shots=st.integers(1, 3))
+def test_fuzz_loaders_raise_only_input_errors(tmp_path_factory, rows, fmt, raw, bom, shots):
     d = tmp_path_factory.mktemp("fuzz")
     if fmt == "raw":
         path = d / "data.csv"
-        path.write_bytes(raw)
+        path.write_bytes(bom + raw)
     elif fmt == "jsonl":
         path = d / "data.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in rows))
@@ -161,6 +162,41 @@ def test_fuzz_loaders_raise_only_input_errors(tmp_path_factory, rows, fmt, raw, 
         assert str(e) and "\n" not in str(e)
     else:
         assert len(task.shots) == shots * task.num_labels and task.eval
+
+
+MEMBER = st.tuples(st.text(alphabet="ab./_-\\", min_size=1, max_size=14), st.binary(max_size=64))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(members=st.lists(MEMBER, max_size=8), kind=st.sampled_from(["zip", "tar", "tar.gz", "raw"]),
+       raw=st.binary(max_size=200))
+def test_fuzz_archives_raise_only_input_errors(tmp_path_factory, members, kind, raw):
+    """Archives with odd member names (.., absolute, backslashes), bytes that are not images, or not
+    archives at all: a one-line input error or a result, nothing else."""
+    import io
+    import tarfile
+    import zipfile
+
+    from fscompile.data.images import load_image_splits
+
+    path = tmp_path_factory.mktemp("arch") / f"data.{'zip' if kind == 'raw' else kind}"
+    if kind == "raw":
+        path.write_bytes(raw)
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in members:
+                zf.writestr(name + ".png", data)
+    else:
+        with tarfile.open(path, "w:gz" if kind == "tar.gz" else "w") as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name + ".png")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    FUZZ_COUNT["archives"] += 1
+    try:
+        load_image_splits(str(path))
+    except InputError as e:
+        assert str(e) and "\n" not in str(e)
 
 
 OPTION = st.sampled_from([
@@ -193,7 +229,7 @@ def test_fuzz_cli_options_never_traceback(tiny_teacher, tmp_path_factory, data):
 def test_zz_report_fuzz_counts():
     """Record how many fuzz cases ran (pytest -s shows it; the closing note quotes it)."""
     print(f"fuzz cases run: {FUZZ_COUNT}")
-    assert FUZZ_COUNT["loaders"] >= 100 and FUZZ_COUNT["cli"] >= 10
+    assert FUZZ_COUNT["loaders"] >= 100 and FUZZ_COUNT["cli"] >= 10 and FUZZ_COUNT["archives"] >= 50
 
 
 def test_fallback_ships_a_verified_variant(tiny_teacher, tmp_path):
@@ -221,3 +257,114 @@ def test_timeout_stops_the_compile_and_writes_nothing(tiny_teacher, tmp_path):
     r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), "--timeout", "1", *FAST])
     assert r.exit_code == 5 and "ran past --timeout 1 s" in r.output, r.output
     assert "Traceback" not in r.output and not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_real_world_text_compiles_and_the_report_counts_what_was_left_out(tiny_teacher, tmp_path):
+    """Quoted newlines, control characters, a 100,000-character review, empty texts, labels that differ
+    only by case and whitespace, and evaluation rows that repeat a shot, in one data directory."""
+    import csv
+
+    d = tmp_path / "data"
+    d.mkdir()
+    pos = ["a fine film", "loved it\nevery minute", "great\x0bcast and \u2028crew", "superb " * 14_000,
+           "warm and funny", "a joy"]
+    neg = ["dull", "a tedious\r\nmess", "awful acting", "boring plot", "weak script", "far too long"]
+    train = [(t, "Positive" if i % 2 else " positive ") for i, t in enumerate(pos)] + [(t, "negative") for t in neg]
+    train += [("", "positive"), ("   ", "negative")]
+    dev = train[:12] + [("fresh and bright", "positive"), ("clumsy", "negative"), ("charming", "POSITIVE"),
+                        ("grim", "negative")]
+    for name, rows in (("train.csv", train), ("dev.csv", dev)):
+        with (d / name).open("w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    out = tmp_path / "out"
+    r = invoke([str(tiny_teacher), "--data", str(d), "--shots", "3", "--out", str(out), "--json", *FAST])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout[r.stdout.index("{"):])
+    assert m["data"]["label_names"] == ["negative", "positive"]
+    assert m["data"]["labels_merged"] == {"Positive": "positive", "POSITIVE": "positive"}
+    # the six shots' copies in dev are not scored; the two empty texts (train) are skipped
+    assert m["data"]["dropped"] == {"empty text": 2, "evaluation rows repeating a shot": 6}
+    assert m["data"]["eval_rows"] == 10
+    report = (out / "report.md").read_text()
+    assert "left out 2 empty text, 6 evaluation rows repeating a shot" in report
+
+
+def test_quoted_newlines_and_control_characters_stay_inside_their_field(tmp_path):
+    from fscompile.data.loaders import read_table
+
+    f = tmp_path / "t.csv"
+    f.write_text('text,label\n"line one\nline two",pos\n"bell\x0bvt and \u2028 sep",neg\n', encoding="utf-8")
+    assert [r["text"] for r in read_table(f)] == ["line one\nline two", "bell\x0bvt and \u2028 sep"]
+    bom = tmp_path / "bom.csv"  # spreadsheet exports: a byte-order mark before the header, or UTF-16
+    bom.write_bytes(b"\xef\xbb\xbftext,label\ncaf\xc3\xa9,1\n")
+    assert read_table(bom) == [{"text": "café", "label": "1"}]
+    bom.write_bytes("text,label\ncafé,1\n".encode("utf-16"))
+    assert read_table(bom) == [{"text": "café", "label": "1"}]
+    j = tmp_path / "t.jsonl"
+    j.write_text('{"text": "a\u2028b", "label": 1}\n{"text": "c", "label": 0}\n', encoding="utf-8")
+    assert [r["text"] for r in read_table(j)] == ["a\u2028b", "c"]
+
+
+def test_too_little_disk_for_the_teacher_fails_before_any_work(tiny_teacher, tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("fscompile.outdir.shutil.disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("fscompile.pipeline.distill_stage", lambda *a: pytest.fail("work started"))
+    out = tmp_path / "out"
+    r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), *FAST])
+    assert r.exit_code == 3 and "MB free in" in r.output and "Traceback" not in r.output, r.output
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_an_unreachable_hub_means_offline_said_once(tiny_teacher, tmp_path, monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    def refuse(*a, **k):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(tmp_path / "out"), "--quiet", *FAST])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("is unreachable; working offline") == 1
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.is_offline_mode()
+
+
+@pytest.mark.parametrize("where,stage", [("fscompile.pipeline.distill_stage", None),
+                                         ("fscompile.pipeline.profile_all", "profile"),
+                                         ("fscompile.pipeline.verify", "verify"),
+                                         ("fscompile.pipeline.render_markdown", None)])
+@pytest.mark.parametrize("fault", ["kill", "stage"])
+def test_a_failure_at_each_stage_boundary_leaves_out_as_it_was(tiny_teacher, tmp_path, monkeypatch, where, stage,
+                                                              fault):
+    """Ctrl-C (or a stage error) at each boundary: the previous --out stays, nothing is half-written,
+    and a stage error names its stage."""
+    from fscompile.errors import StageError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+
+    def fail(*a, **k):
+        raise KeyboardInterrupt if fault == "kill" else StageError("it broke")
+
+    monkeypatch.setattr(where, fail)
+    r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), "--force", *FAST])
+    assert r.exit_code == (130 if fault == "kill" else 5), r.output
+    assert "nothing was written" in r.output and "Traceback" not in r.output
+    if fault == "stage" and stage:
+        assert f"error: {stage}: it broke; nothing was written" in r.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_missing_generator_fails_before_any_work(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr("fscompile.tasks.text.load_data", lambda *a: pytest.fail("work started"))
+    out = tmp_path / "out"
+    r = invoke([str(tiny_teacher), "--shots", "3", "--out", str(out), *FAST, "--generator", str(tmp_path / "no.gguf")])
+    assert r.exit_code == 3 and "--generator" in r.output and "file not found" in r.output, r.output
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

@@ -29,9 +29,10 @@ def test_retention_estimate_weighs_disagreements_by_the_teachers_confidence():
     sure = np.log(np.array([[0.99, 0.01]] * 10))
     unsure = np.log(np.array([[0.55, 0.45]] * 10))
     agree, one_off = np.zeros(10, dtype=int), np.array([1] + [0] * 9)
-    assert retention_estimate(sure, agree) == pytest.approx(1.0)
-    assert retention_estimate(sure, one_off) == pytest.approx(0.9 + 0.1 * 0.01 / 0.99)  # a whole point lost
-    assert retention_estimate(unsure, one_off) == pytest.approx(0.9 + 0.1 * 0.45 / 0.55)  # most of it kept
+    assert retention_estimate(sure, agree, 1.0) == pytest.approx(1.0)
+    assert retention_estimate(sure, one_off, 1.0) == pytest.approx(0.9 + 0.1 * 0.01 / 0.99)  # a whole point lost
+    assert retention_estimate(unsure, one_off, 1.0) == pytest.approx(0.9 + 0.1 * 0.45 / 0.55)  # most of it kept
+    assert retention_estimate(sure, one_off) > retention_estimate(sure, one_off, 1.0)  # softened by default
 
 
 def _writer(path: str, k: int, n: int) -> None:
@@ -87,6 +88,13 @@ def test_a_budget_only_the_teacher_meets_picks_it(tiny_teacher, tmp_path, monkey
     assert "## Budget search" in (out / "report.md").read_text() and (out / "pareto.png").is_file()
     rows = memory.load()
     assert len(rows) == 1 and rows[0]["recipe"]["layers"] == 4 and rows[0]["retention_estimate"] >= 0.999
+    # the same search may write there again; another budget may not without --force
+    from fscompile.errors import InputError
+    from fscompile.outdir import check_out
+
+    check_out(out, m["search"]["fingerprint"], force=False)
+    with pytest.raises(InputError, match="already holds a different run"):
+        check_out(out, "0123456789ab", force=False)
 
 
 def test_budget_flags_refuse_a_fixed_recipe(tiny_teacher, tmp_path):

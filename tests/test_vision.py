@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -187,6 +188,8 @@ def test_teacher_with_other_classes_gets_a_refitted_head(colours, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["resnet18", "--weights", "{tmp}/garbage.pt"], "cannot load --weights"),
+    # a pickle that runs code on load: weights_only refuses it, and nothing runs
+    (["resnet18", "--weights", "{tmp}/evil.pt"], "cannot load --weights"),
     (["resnet18", "--weights", "{tmp}/state.pt", "--student", "not_a_net"], "unknown image architecture"),
     (["resnet18", "--weights", "{tmp}/state.pt", "--embedding-bits", "4"], "apply to text models only"),
     (["resnet18", "--weights", "{tmp}/state.pt", "--data", "{tmp}/missing-dir/"], "does not exist"),
@@ -198,6 +201,7 @@ def test_image_input_errors_are_one_line(colours, tmp_path, args, message):
     from fscompile.cli import main
 
     (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Payload(str(tmp_path / "PWNED"))))
     torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=3).state_dict(), tmp_path / "state.pt")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--data" not in args:
@@ -205,7 +209,17 @@ def test_image_input_errors_are_one_line(colours, tmp_path, args, message):
     r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o"), "--steps", "2", "--quiet"])
     assert r.exit_code == 3, r.output
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "PWNED").exists()
+
+
+class _Payload:
+    """Unpickling this would create a file: what a malicious checkpoint does."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 def test_image_bench_runs_through_the_same_tables(colours, colour_teacher, tmp_path):
@@ -224,3 +238,36 @@ def test_image_bench_runs_through_the_same_tables(colours, colour_teacher, tmp_p
     assert "teacher fused + ORT dynamic INT8" not in systems  # no transformer to fuse in a CNN
     assert all(0 <= row["accuracy"] <= 1 for row in rows if row.get("kind") == "fscompile")
     assert "fscompile ort-int8" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("bomb", ["members", "expansion", "tar-size"])
+def test_archive_bombs_are_refused_from_their_headers(colour_teacher, tmp_path, monkeypatch, bomb):
+    """Limits lowered so the bombs stay small here; the checks read headers, nothing is decoded."""
+    import zipfile
+
+    from fscompile.cli import main
+
+    monkeypatch.setattr("fscompile.data.images.MAX_ARCHIVE_MEMBERS", 50)
+    monkeypatch.setattr("fscompile.data.images.MAX_ARCHIVE_BYTES", 4 * 2**20)
+    arc = tmp_path / ("bomb.tar" if bomb == "tar-size" else "bomb.zip")
+    if bomb == "members":  # many tiny members
+        with zipfile.ZipFile(arc, "w") as zf:
+            for i in range(60):
+                zf.writestr(f"train/red/{i}.png", b"x")
+        message = "60 members, more than the 50"
+    elif bomb == "expansion":  # one member that inflates ~1000x
+        with zipfile.ZipFile(arc, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+            zf.writestr("train/red/0.png", bytes(3 * 2**20))
+        message = "refused as a decompression bomb"
+    else:  # a tar whose headers promise more than the byte limit
+        with tarfile.open(arc, "w") as tf:
+            for i in range(3):
+                info = tarfile.TarInfo(f"train/red/{i}.png")
+                info.size = 2 * 2**20
+                tf.addfile(info, io.BytesIO(bytes(info.size)))
+        message = "6 MiB uncompressed, more than the 4 MiB"
+    r = CliRunner().invoke(main, ["resnet18", "--weights", str(colour_teacher), "--data", str(arc),
+                                  "--out", str(tmp_path / "o"), "--steps", "2", "--quiet"])
+    assert r.exit_code == 3, r.output
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """Task data: splits, column detection, labels and the seeded few-shot sampler."""
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,20 +114,35 @@ def _normalise_label(value: Any) -> Any:
     return value
 
 
-def _to_examples(rows: Rows, columns: dict[str, str | None], where: str) -> list[tuple[Any, str, str | None]]:
+def _to_examples(rows: Rows, columns: dict[str, str | None], dropped: Counter) -> list[tuple[Any, str, str | None]]:
+    """(raw label, text, pair) per labelled row; rows with an empty or missing text are skipped and
+    counted in ``dropped`` (real exports carry a few; one should not sink the compile)."""
     out = []
-    for n, r in enumerate(rows):
+    for r in rows:
         raw = _normalise_label(r.get(columns["label"]))
         if raw is None or raw == "" or raw == -1:  # unlabeled rows (e.g. GLUE test splits)
             continue
         t = r.get(columns["text"])
-        if not isinstance(t, str) or not t.strip():
-            raise InputError(f"{where} row {n + 1}: empty or missing text in column {columns['text']!r}")
         p = r.get(columns["text_pair"]) if columns["text_pair"] else None
-        if columns["text_pair"] and (not isinstance(p, str)):
-            raise InputError(f"{where} row {n + 1}: missing text in column {columns['text_pair']!r}")
+        if not isinstance(t, str) or not t.strip() or (columns["text_pair"] and not isinstance(p, str)):
+            dropped["empty text"] += 1
+            continue
         out.append((raw, t.strip(), p.strip() if p else None))
     return out
+
+
+def _fold_labels(parsed: dict[str, list[tuple[Any, str, str | None]]]) -> dict[str, str]:
+    """Labels that differ only by case ("Positive", "positive"): one class, spelled as most rows
+    spell it. Returns {variant: spelling} for the report, and rewrites ``parsed`` in place."""
+    counts = Counter(r for ex in parsed.values() for r, _, _ in ex if isinstance(r, str))
+    spelling: dict[str, str] = {}
+    for v, _ in counts.most_common():
+        spelling.setdefault(v.casefold(), v)
+    merged = {v: spelling[v.casefold()] for v in counts if spelling[v.casefold()] != v}
+    if merged:
+        for name, ex in parsed.items():
+            parsed[name] = [(merged.get(r, r) if isinstance(r, str) else r, t, p) for r, t, p in ex]
+    return merged
 
 
 def sample_shots(labels: list[int], shots: int, seed: int, label_names: list[str]) -> list[int]:
@@ -150,17 +166,19 @@ def load_task_data(spec: str | None, shots: int, seed: int = 0, *, text_column: 
     shot_split = "train" if "train" in splits else next(iter(splits))
     columns = detect_columns(splits[shot_split], text_column, text_pair_column, label_column)
     parsed = {}
+    dropped: Counter = Counter()
     for name, rows in splits.items():
         missing = [c for c in columns.values() if c and rows and c not in rows[0]]
         if missing:
             if name == shot_split:
                 raise InputError(f"split {name!r} lacks column(s) {missing}")
             continue
-        ex = _to_examples(rows, columns, f"{info['source']} [{name}]")
+        ex = _to_examples(rows, columns, dropped)
         if ex:
             parsed[name] = ex
     if shot_split not in parsed:
-        raise InputError(f"split {shot_split!r} of {info['source']} has no labelled rows")
+        raise InputError(f"split {shot_split!r} of {info['source']} has no labelled rows with text")
+    merged = _fold_labels(parsed)
 
     # Class order: names the dataset declares, else sorted raw values (ints numerically).
     raw_values = {r for ex in parsed.values() for r, _, _ in ex}
@@ -185,6 +203,10 @@ def load_task_data(spec: str | None, shots: int, seed: int = 0, *, text_column: 
         eval_split = f"{shot_split} (rows not drawn as shots)"
     else:
         eval_ex = examples[eval_split]
+    shot_keys = {(pool[i].text, pool[i].text_pair) for i in shot_idx}
+    kept = [e for e in eval_ex if (e.text, e.text_pair) not in shot_keys]  # a shot's copy would flatter the score
+    dropped["evaluation rows repeating a shot"] += len(eval_ex) - len(kept)
+    eval_ex = kept
     if not eval_ex:
         raise InputError("no rows left to evaluate on: add a dev split or more rows")
     if max_eval is not None and len(eval_ex) > max_eval:
@@ -192,7 +214,8 @@ def load_task_data(spec: str | None, shots: int, seed: int = 0, *, text_column: 
         eval_ex = [eval_ex[i] for i in keep]
     return TaskData(label_names=label_names, shots=[pool[i] for i in shot_idx], eval=eval_ex,
                     shot_split=shot_split, shot_indices=shot_idx, eval_split=eval_split,
-                    source=info["source"], columns=columns, info=info)
+                    source=info["source"], columns=columns,
+                    info={**info, "dropped": {k: v for k, v in dropped.items() if v}, "labels_merged": merged})
 
 
 def load_unlabeled(spec: str, exclude: Iterable[Example] = (), limit: int | None = None, seed: int = 0) -> list[str]:
@@ -207,7 +230,7 @@ def load_unlabeled(spec: str, exclude: Iterable[Example] = (), limit: int | None
     p = Path(spec).expanduser()
     if p.suffix.lower() == ".txt" and p.is_file():
         try:
-            texts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+            texts = [ln.strip() for ln in p.read_text(encoding="utf-8").split("\n")]
         except UnicodeDecodeError:
             raise InputError(f"--unlabeled {spec} is not UTF-8 text") from None
     else:

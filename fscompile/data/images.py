@@ -21,7 +21,24 @@ from . import TaskData, sample_shots
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 SPLIT_NAMES = {"train": "train", "training": "train", "dev": "dev", "val": "dev", "valid": "dev",
                "validation": "dev", "test": "test", "testing": "test"}
+# Archive limits, checked from the headers before anything is decompressed: an image dataset far
+# beyond these does not fit a compile's memory anyway, and a bomb (millions of tiny members, or
+# members that expand 1000x) is refused instead of filling memory.
 MAX_ARCHIVE_MEMBERS = 2_000_000
+MAX_ARCHIVE_BYTES = 8 * 2**30  # uncompressed, all members
+MAX_EXPANSION = 1000  # uncompressed over compressed, past the first MiB
+
+
+def _check_archive(path: Path, count: int, total: int, packed: int) -> None:
+    """Refuse an archive whose headers promise more than the limits above."""
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise InputError(f"{path}: {count:,} members, more than the {MAX_ARCHIVE_MEMBERS:,} fscompile reads")
+    if total > MAX_ARCHIVE_BYTES:
+        raise InputError(f"{path}: {total / 2**20:,.0f} MiB uncompressed, more than the "
+                         f"{MAX_ARCHIVE_BYTES / 2**20:,.0f} MiB fscompile reads")
+    if total > 2**20 and total > MAX_EXPANSION * max(packed, 1):
+        raise InputError(f"{path}: expands {total / max(packed, 1):,.0f}x ({packed:,} bytes to {total:,}): "
+                         "refused as a decompression bomb")
 
 
 @dataclass(frozen=True)
@@ -85,12 +102,16 @@ def _from_tar(path: Path) -> Splits:
     except (tarfile.TarError, OSError) as e:
         raise InputError(f"cannot read archive {path}: {e}") from None
     with tf:
-        members = []
-        for n, m in enumerate(tf):
+        members, total = [], 0
+        for n, m in enumerate(tf):  # streams through the archive; members' data is not kept
             if n > MAX_ARCHIVE_MEMBERS:
-                raise InputError(f"{path}: more than {MAX_ARCHIVE_MEMBERS} members")
+                _check_archive(path, n, total, path.stat().st_size)
             if m.isfile():  # links, devices and directories are skipped, never followed
                 members.append(m)
+                total += m.size
+            if total > MAX_ARCHIVE_BYTES:
+                _check_archive(path, n, total, path.stat().st_size)
+        _check_archive(path, len(members), total, path.stat().st_size)
         members.sort(key=lambda m: m.name)
         return _collect(((m.name.split("/"), lambda m=m: tf.extractfile(m).read()) for m in members), str(path))
 
@@ -101,7 +122,9 @@ def _from_zip(path: Path) -> Splits:
     except (zipfile.BadZipFile, OSError) as e:
         raise InputError(f"cannot read archive {path}: {e}") from None
     with zf:
-        names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+        files = [i for i in zf.infolist() if not i.is_dir()]
+        _check_archive(path, len(files), sum(i.file_size for i in files), sum(i.compress_size for i in files))
+        names = sorted(i.filename for i in files)
         return _collect(((n.split("/"), lambda n=n: zf.read(n)) for n in names), str(path))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -70,16 +71,21 @@ def read_table(path: Path) -> Rows:
     """Read a .tsv/.csv/.jsonl/.json file into rows; one-line errors on bad files."""
     ext = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text (byte {e.start}): re-encode it as UTF-8") from None
+        raw = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
+    # spreadsheet exports: UTF-8 with a byte-order mark, or UTF-16 ("Unicode text") marked by one
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start}): re-encode it as UTF-8") from None
     if not text.strip():
         raise InputError(f"data file is empty: {path}")
     if ext == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # split on "\n" only: JSON strings may hold U+2028 and other characters splitlines() breaks on
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -106,23 +112,28 @@ def read_table(path: Path) -> Rows:
 
 
 def _read_delimited(text: str, ext: str, path: Path) -> Rows:
-    # GLUE TSVs contain bare quotes inside sentences: QUOTE_NONE reads them verbatim.
-    reader = csv.reader(text.splitlines(), delimiter="\t" if ext == ".tsv" else ",",
+    # GLUE TSVs contain bare quotes inside sentences: QUOTE_NONE reads them verbatim. A stream, not
+    # str.splitlines(): that splits inside quoted fields (gluing "one\ntwo" into "onetwo") and on
+    # control characters such as \x0b or U+2028 that real text carries.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",",
                         quoting=csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL)
     try:
-        lines = [r for r in reader if r]
+        lines = []
+        for r in reader:
+            if r:
+                lines.append((reader.line_num, r))
     except csv.Error as e:
-        raise InputError(f"{path}: malformed {ext[1:].upper()} ({e})") from None
+        raise InputError(f"{path}:{reader.line_num}: malformed {ext[1:].upper()} ({e})") from None
     if not lines:
         raise InputError(f"data file is empty: {path}")
-    first = [c.strip() for c in lines[0]]
+    first = [c.strip() for c in lines[0][1]]
     if _looks_like_header(first):
         header, body = first, lines[1:]
     else:
         header, body = [f"column{i}" for i in range(len(first))], lines
     width = len(header)
     rows = []
-    for n, r in enumerate(body, 2):
+    for n, r in body:
         if len(r) != width:
             raise InputError(f"{path}:{n}: expected {width} fields, found {len(r)}")
         rows.append(dict(zip(header, r)))

@@ -26,7 +26,8 @@ from ..config import CompileConfig, DistillConfig
 from ..data import Example, TaskData, load_task_data, load_unlabeled
 from ..distill import POOL_LR, DistillStats, distill, set_seed
 from ..evaluate import evaluate_all, metrics, predict, real_seq_len, torch_runner
-from ..generate import Generated, balance, cached_generate, default_count
+from ..errors import StageError
+from ..generate import Generated, balance, cached_generate, default_count, resolve_generator
 from ..models.text import (
     TextModel,
     align_labels,
@@ -234,8 +235,12 @@ def probe_shapes(cfg: CompileConfig, backend: Backend, recipes: list[tuple[int, 
         student, _ = derive_student(teacher, evenly_spaced(layers, n))
         student = backend.prepare(student, rcfg.recipe())
         cal = calibration_set(student, shots, rcfg, n_calibrate=8, n_validate=8)
-        art = backend.compile(student, cal, work / f"probe-{i}", dataclasses.replace(rcfg.recipe(),
-                                                                                   variant="dynamic-per-channel"))
+        try:
+            art = backend.compile(student, cal, work / f"probe-{i}", dataclasses.replace(rcfg.recipe(),
+                                                                                       variant="dynamic-per-channel"))
+        except StageError as e:  # this shape does not build for the target: the search drops it, says why
+            out.append({"latency_ms": math.inf, "size_mb": math.inf, "error": str(e)[:200]})
+            continue
         run = backend.load(art)
         feed = synthetic_inputs(student.input_names, 1, cfg.seq_len, teacher.tokenizer.vocab_size)
         lat = latency(lambda: run(feed), warmup=2, min_reps=10, budget_s=0.5)
@@ -253,6 +258,8 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
     """Text classification: transfer set, layer choice, derived student, KD + hidden matching."""
     timings: dict[str, float] = {}
     set_seed(cfg.seed)
+    if cfg.distill.generator != "none" and cfg.distill.generate != 0:
+        resolve_generator(cfg.distill.generator)  # a missing generator fails now, not after adapting the teacher
     with timed(timings, "load data", progress):
         task = load_data(cfg)
     with timed(timings, "load teacher", progress):
