@@ -29,6 +29,7 @@ class Budget:
         return any(v is not None for v in self.limits().values())
 
     def limits(self) -> dict[str, float | None]:
+        """The limits under the keys :func:`figures` measures (None: no limit)."""
         return {"latency_ms": self.max_latency_ms, "size_mb": self.max_size_mb, "peak_mb": self.max_peak_mb,
                 "retention": self.min_retention}
 
@@ -48,6 +49,7 @@ class Budget:
         return out
 
     def describe(self) -> str:
+        """The limits in words, for messages: "latency ≤ 2 ms, estimated retention ≥ 0.97"."""
         names = {"latency_ms": "latency ≤ {} ms", "size_mb": "size ≤ {} MB", "peak_mb": "peak memory ≤ {} MB",
                  "retention": "estimated retention ≥ {}"}
         return ", ".join(names[k].format(f"{v:g}") for k, v in self.limits().items() if v is not None)
