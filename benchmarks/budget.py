@@ -37,6 +37,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tasks", default="sst2,agnews")
     p.add_argument("--recipes", default="default,2:0.2:4",
                    help="fixed recipes for the memory: 'default', or layers:prune:embedding-bits")
+    p.add_argument("--search", help="tasks to search (default: every task of --tasks)")
     p.add_argument("--max-eval", type=int, default=1000)
     p.add_argument("--max-trials", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "bench-out/budget"))
@@ -117,7 +118,7 @@ def main() -> None:
             results.record(r)
             if recipe == "default":
                 default[t] = r
-    for t in tasks:  # phase 2
+    for t in (args.search.split(",") if args.search else tasks):  # phase 2
         teacher, data = TASKS[t]
         pooled = out / f"memory-without-{t}.jsonl"
         pooled.write_text("".join(mem[o].read_text() for o in tasks if o != t and mem[o].is_file()))
