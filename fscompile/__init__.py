@@ -26,7 +26,7 @@ def compile(teacher: Any = "minilm", *, data: str | None = None, target: str = "
 
     from .budget import Budget
     from .config import CompileConfig, DistillConfig
-    from .pipeline import run
+    from .search import compile_or_search
 
     if not isinstance(teacher, (str, Path)):
         from .models.adopt import adopt_teacher
@@ -35,18 +35,14 @@ def compile(teacher: Any = "minilm", *, data: str | None = None, target: str = "
         options = {**implied, **options}
     teacher = str(teacher)
 
-    budget = Budget(**{f.name: options.pop(f.name) for f in dataclasses.fields(Budget) if f.name in options})
+    budget = Budget.pop_from(options)
     max_trials = options.pop("max_trials", 3)
     distill_fields = {f.name for f in dataclasses.fields(DistillConfig)}
     dist = DistillConfig(**{k: v for k, v in options.items() if k in distill_fields})
     cfg = CompileConfig(teacher=teacher, data=data, target=target, shots=shots, distill=dist,
                         **{k: v for k, v in options.items() if k not in distill_fields})
     out = Path(out) if out is not None else Path("fscompile-out") / cfg.run_name()
-    if budget:
-        from .search import run as search
-
-        return search(cfg, budget, out, force=force, progress=progress, max_trials=max_trials)
-    return run(cfg, out, force=force, progress=progress)
+    return compile_or_search(cfg, out, budget, force=force, progress=progress, max_trials=max_trials)
 
 
 __all__ = ["compile", "__version__"]

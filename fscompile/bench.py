@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import numpy as np
 
 from .config import CompileConfig, DistillConfig
 from .errors import InputError
+from .report import append_jsonl
 
 RESULTS = "results.jsonl"
 
@@ -81,16 +81,6 @@ class Sweep:
 
     def jobs(self) -> list[tuple[int, int]]:
         return [(s, seed) for s in self.shots for seed in range(self.seeds)]
-
-
-def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows under an exclusive lock: parallel jobs share one results file."""
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        for r in rows:
-            f.write(json.dumps(r, default=str) + "\n")
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_results(dirs: list[Path]) -> list[dict[str, Any]]:
@@ -160,7 +150,7 @@ def run_job(sweep: Sweep, shots: int, seed: int, out: str, threads: int | None =
         for r in build_peers(base, adapter, teacher_cal, cfg):
             rows.append({**key, **r})
     rows.append({**key, "kind": "job-done", "seconds": time.perf_counter() - start})
-    _append(out_dir / RESULTS, rows)
+    append_jsonl(out_dir / RESULTS, rows)
     return rows
 
 

@@ -2,6 +2,7 @@
 labels (``fscompile.evaluate.retention_estimate``)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,11 @@ class Budget:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
         if self.min_retention is not None and not 0 < self.min_retention <= 1:
             raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
+
+    @classmethod
+    def pop_from(cls, options: dict[str, Any]) -> Budget:
+        """The budget among ``options`` (CLI or API keywords), taken out of them."""
+        return cls(**{f.name: options.pop(f.name) for f in dataclasses.fields(cls) if f.name in options})
 
     def __bool__(self) -> bool:
         return any(v is not None for v in self.limits().values())

@@ -240,8 +240,7 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
         if timeout is not None and not timeout > 0:
             raise click.UsageError(f"--timeout must be > 0 seconds, got {timeout}")
         try:
-            budget = Budget(**{k: opts.pop(k) for k in ("max_latency_ms", "max_size_mb", "max_peak_mb",
-                                                        "min_retention")})
+            budget = Budget.pop_from(opts)
             dist = DistillConfig(**{k: opts.pop(k) for k in dist_keys})
             cfg = CompileConfig(teacher=teacher, distill=dist, **opts)
         except ValueError as e:
@@ -249,14 +248,9 @@ def compile_cmd(teacher: str, out: Path | None, force: bool, as_json: bool, quie
         out = out or Path("fscompile-out") / cfg.run_name()
         _offline_if_unreachable()
         with ProgressUI(enabled=not quiet and not as_json) as ui, _library_output(verbose), _deadline(timeout):
-            if budget:
-                from .search import run as search
+            from .search import compile_or_search
 
-                manifest = search(cfg, budget, out, force=force, progress=ui.update, max_trials=max_trials)
-            else:
-                from .pipeline import run
-
-                manifest = run(cfg, out, force=force, progress=ui.update)
+            manifest = compile_or_search(cfg, out, budget, force=force, progress=ui.update, max_trials=max_trials)
     except click.UsageError:
         raise
     except BaseException as e:  # mapped to one line and an exit code; --debug shows the traceback

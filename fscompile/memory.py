@@ -3,13 +3,14 @@ tried and what it measured, in ``$FSCOMPILE_CACHE/recipes.jsonl``. The budget se
 candidates for a new task from the rows of the nearest tasks."""
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from .report import append_jsonl
 
 MEMORY_FILE = "recipes.jsonl"
 # The prior weighs as much as a row this far away: a same-recipe row on a similar task outweighs it,
@@ -64,13 +65,7 @@ def record(row: dict[str, Any], path: Path | None = None) -> None:
     path = path or memory_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                f.write(json.dumps(row, default=str) + "\n")
-                f.flush()
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        append_jsonl(path, [row])
     except OSError as e:
         warnings.warn(f"recipe memory not written ({path}: {e.strerror or e})", stacklevel=2)
 
@@ -93,9 +88,9 @@ def _task_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
     """How far apart two tasks are: label count, text length and shots on log scales, teacher kind."""
     def log_gap(k: str) -> float:
         x, y = a.get(k), b.get(k)
-        if not x and not y:
-            return 0.0
-        return abs(math.log((x or 1) / (y or 1))) if x and y else 1.0
+        if x and y:
+            return abs(math.log(x / y))
+        return 1.0 if x or y else 0.0  # known on one side only
 
     return (log_gap("labels") + log_gap("text_length") + 0.5 * log_gap("shots")
             + 0.5 * log_gap("teacher_parameters") + (a.get("teacher_type") != b.get("teacher_type")))

@@ -65,6 +65,11 @@ def check_out(out: Path, fingerprint: str, force: bool) -> None:
     clean_stale(out)
 
 
+def dir_mb(path: Path, pattern: str) -> float:
+    """Size in MB of the files in ``path`` matching ``pattern``."""
+    return sum(p.stat().st_size for p in path.glob(pattern)) / 2**20
+
+
 def check_space(out: Path, teacher_files: list[Path], factor: float = 3.0) -> None:
     """Refuse before any work when the disk beside ``out`` cannot hold roughly ``factor`` times the
     teacher's weights (the staged artifact, plus teacher and student saved for profiling): a full
@@ -73,7 +78,7 @@ def check_space(out: Path, teacher_files: list[Path], factor: float = 3.0) -> No
     free = shutil.disk_usage(out.parent).free
     if need and free < need:
         raise InputError(f"--out {out}: {free / 2**20:,.0f} MB free in {out.parent}, the compile needs about "
-                         f"{need / 2**20:,.0f} MB (3x the teacher's weights); free some space or choose another place")
+                         f"{need / 2**20:,.0f} MB ({factor:g}x the teacher's weights); free some space or choose another place")
 
 
 @contextlib.contextmanager

@@ -18,12 +18,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from . import memory
 from .backends import Artifact, Backend, get_backend
 from .config import CompileConfig
 from .errors import StageError, TargetUnavailable
+from .memory import record, row_from_manifest
 from .models.base import weights_sha256
-from .outdir import MANIFEST, check_out, check_space, locked, staged
+from .outdir import MANIFEST, check_out, check_space, dir_mb, locked, staged
 from .profile import device_info, peak_rss_mb, profile_all
 from .report import render_markdown, write_json
 from .tasks import Distilled, Progress, TaskAdapter, get_task, timed
@@ -69,10 +69,6 @@ def retarget(d: Distilled, backend: Backend, cfg: CompileConfig, recovery_steps:
     return get_task(cfg).retarget(d, backend, cfg, recovery_steps, progress)
 
 
-def _dir_mb(path: Path, pattern: str) -> float:
-    return sum(p.stat().st_size for p in path.glob(pattern)) / 2**20
-
-
 def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progress: Progress,
           start: float) -> dict[str, Any]:
     """Compile, evaluate, profile and verify into ``out``; returns the manifest (also written)."""
@@ -102,15 +98,15 @@ def build(d: Distilled, backend: Backend, cfg: CompileConfig, out: Path, progres
                 artifact, evaluation, prof = fall_back(lambda run: adapter.evaluate(d, run, cfg), d.student, cal,
                                                        recipe, artifact, evaluation, prof, vocab, length, cfg)
                 verification["fallback"] = artifact.info.get("fallback")
-        sizes = {"teacher": _dir_mb(work / "teacher", "model.*"),  # .safetensors, or .pt2 for a user's module
-                 "student": _dir_mb(work / "student", "model.*"),
-                 "artifact": _dir_mb(artifact.path, "*.onnx")}
+        sizes = {"teacher": dir_mb(work / "teacher", "model.*"),  # .safetensors, or .pt2 for a user's module
+                 "student": dir_mb(work / "student", "model.*"),
+                 "artifact": dir_mb(artifact.path, "*.onnx")}
     timings["total"] = round(time.perf_counter() - start, 2)
     manifest = _manifest(d, adapter, backend, cfg, artifact, evaluation, verification, prof, sizes,
                          (length, real_len), timings)
     write_json(out / MANIFEST, manifest)
     (out / "report.md").write_text(render_markdown(manifest))
-    memory.record(memory.row_from_manifest(manifest))  # what the budget search learns from
+    record(row_from_manifest(manifest))  # what the budget search learns from
     return manifest
 
 

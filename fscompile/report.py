@@ -32,6 +32,19 @@ def figure(path: Path, xlabel: str, ylabel: str, title: str) -> Iterator[Any]:
         plt.close(fig)
 
 
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows as JSON lines under an exclusive lock: parallel writers share one file."""
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import memory
 from .budget import Budget, figures
 from .config import CompileConfig
 from .errors import BudgetUnmet, InputError
+from .memory import load as load_memory
+from .memory import predict_retention, row_from_manifest
 from .outdir import check_out, check_space, locked, staged
 from .report import figure, write_json
 from .tasks import Progress, get_task
@@ -39,6 +40,22 @@ MEMORY_MARGIN = 0.02  # a candidate predicted this far below --min-retention is 
 def depths(n: int) -> list[int]:
     """Candidate student depths: the teacher's own, two thirds, half, a third (distinct, >= 1)."""
     return sorted({n, max(1, round(2 * n / 3)), max(1, n // 2), max(1, n // 3)}, reverse=True)
+
+
+def compile_or_search(cfg: CompileConfig, out: Path, budget: Budget, *, force: bool = False,
+                      progress: Progress | None = None, max_trials: int = 3) -> dict[str, Any]:
+    """A plain compile, or the budget search when ``budget`` sets any limit (the CLI and the API)."""
+    if budget:
+        return run(cfg, budget, out, force=force, progress=progress, max_trials=max_trials)
+    from .pipeline import run as compile_one
+
+    return compile_one(cfg, out, force=force, progress=progress)
+
+
+def candidates(n: int) -> list[tuple[int, float, int]]:
+    """(layers, pruning rate, table bits) to try on a teacher of ``n`` layers; the whole teacher only as it is."""
+    return [(k, p, b) for k in depths(n) for p in PRUNE_RATES for b in EMBEDDING_BITS
+            if not (k == n and (p > 0 or b == 4))]
 
 
 def prior_retention(fraction: float, prune: float, bits: int) -> float:
@@ -73,19 +90,16 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
     if cfg.student_layers or cfg.prune is not None:
         raise InputError("with a budget fscompile chooses --student-layers and --prune itself; drop them")
     start = time.perf_counter()
-    n = adapter.teacher_layers(cfg)
-    cands = [{"layers": k, "prune": p, "embedding_bits": b} for k in depths(n) for p in PRUNE_RATES
-             for b in EMBEDDING_BITS if not (k == n and (p > 0 or b == 4))]  # the whole teacher: as it is
-    rows = memory.load()
+    rows = load_memory()
     # named so that a killed search's scratch is cleaned by the next run (outdir.clean_stale)
     with locked(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.fscompile-search", suffix=f"-{os.getpid()}",
                                                   dir=out.parent) as tmp:
         work = Path(tmp)
-        shapes, traits = adapter.probe_shapes(cfg, backend,
-                                              [(c["layers"], c["prune"], c["embedding_bits"]) for c in cands],
-                                              work, progress)
+        recipes, shapes, traits = adapter.probe_shapes(cfg, backend, candidates, work, progress)
+        n = traits["teacher_layers"]
+        cands = [{"layers": k, "prune": p, "embedding_bits": b, "layer_fraction": k / n, **shape}
+                 for (k, p, b), shape in zip(recipes, shapes)]
         for c, shape in zip(cands, shapes):
-            c.update(shape, layer_fraction=c["layers"] / n)
             over = budget.violations({"latency_ms": shape["latency_ms"] / LATENCY_SLACK, "size_mb": shape["size_mb"]})
             if "error" in shape:
                 over = [f"does not build: {shape['error']}"]
@@ -95,8 +109,6 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
         winner, trials = None, 0
         while feasible and trials < max_trials:
             pick = _next(feasible, budget, rows, traits)
-            if pick is None:
-                break
             feasible.remove(pick)
             trials += 1
             rcfg = dataclasses.replace(cfg, student_layers=",".join(map(str, _layers(pick["layers"], n))),
@@ -107,7 +119,7 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             trial_dir.mkdir()
             manifest = build(distill_stage(rcfg, backend, progress), backend, rcfg, trial_dir, progress,
                              time.perf_counter())
-            row = memory.row_from_manifest(manifest, source="search")
+            row = row_from_manifest(manifest, source="search")
             rows.append(row)  # build() recorded it too; this search learns from it at once
             pick.update(measured=figures(manifest), trial=trials, dir=str(trial_dir))
             over = budget.violations(pick["measured"])
@@ -146,13 +158,13 @@ def _predicted(c: dict[str, Any], rows: list[dict[str, Any]], traits: dict[str, 
     """Retention the memory expects of candidate ``c``, the prior counting as one nearby row."""
     recipe = {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}
     prior = prior_retention(c["layer_fraction"], c["prune"], c["embedding_bits"])
-    c["predicted_retention"], used = memory.predict_retention(rows, traits, recipe, prior=prior)
+    c["predicted_retention"], used = predict_retention(rows, traits, recipe, prior=prior)
     c["predicted_from"] = f"prior + {used} memory rows" if used else "prior"
     return c["predicted_retention"]
 
 
 def _next(feasible: list[dict[str, Any]], budget: Budget, rows: list[dict[str, Any]],
-          traits: dict[str, Any]) -> dict[str, Any] | None:
+          traits: dict[str, Any]) -> dict[str, Any]:
     """The fastest feasible candidate expected to keep ``--min-retention`` (the fastest of all
     without one; the most retentive one left when none is expected to)."""
     for c in feasible:

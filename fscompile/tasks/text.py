@@ -7,6 +7,7 @@ import dataclasses
 import math
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from ..data import Example, TaskData, load_task_data, load_unlabeled
 from ..distill import POOL_LR, DistillStats, distill, set_seed
 from ..evaluate import evaluate_all, metrics, predict, real_seq_len, torch_runner
 from ..errors import StageError
+from ..outdir import dir_mb
 from ..generate import Generated, balance, cached_generate, default_count, resolve_generator
 from ..models.text import (
     TextModel,
@@ -214,18 +216,22 @@ def evenly_spaced(k: int, n: int) -> list[int]:
     return sorted({max(0, round((i + 1) * n / k) - 1) for i in range(k)})
 
 
-def probe_shapes(cfg: CompileConfig, backend: Backend, recipes: list[tuple[int, float, int]], work: Path,
-                 progress: Progress) -> tuple[list[dict[str, float]], dict[str, Any]]:
+def probe_shapes(cfg: CompileConfig, backend: Backend, candidates: Callable[[int], list[tuple[int, float, int]]],
+                 work: Path, progress: Progress) -> tuple[list[tuple[int, float, int]], list[dict[str, float]],
+                                                       dict[str, Any]]:
     """Latency (batch 1 at ``cfg.seq_len``) and size of each recipe's artifact, before any training:
     the student of that many evenly spaced layers, the target's sparsity at that rate and the
     embedding table at those bits, compiled with dynamic INT8 (the variant without calibration
     data) and timed here. Weights do not change latency or size, so no distillation is needed.
-    Also returns the task's traits, in the recipe memory's keys."""
+    ``candidates(n)`` lists the (layers, prune, embedding bits) recipes for a teacher of ``n`` layers.
+    Returns the recipes, their figures, and the task's traits in the recipe memory's keys (with
+    ``teacher_layers``)."""
     from ..profile import latency, synthetic_inputs
 
     task = load_data(cfg)
     teacher = load_teacher(cfg.teacher, task.label_names, trust_remote_code=cfg.trust_remote_code)
     n = len(teacher.layers())
+    recipes = candidates(n)
     shots = TransferSet([e.text for e in task.shots],
                         [e.text_pair or "" for e in task.shots] if task.is_pair else None, ["shot"] * len(task.shots))
     out = []
@@ -244,14 +250,14 @@ def probe_shapes(cfg: CompileConfig, backend: Backend, recipes: list[tuple[int, 
         run = backend.load(art)
         feed = synthetic_inputs(student.input_names, 1, cfg.seq_len, teacher.tokenizer.vocab_size)
         lat = latency(lambda: run(feed), warmup=2, min_reps=10, budget_s=0.5)
-        out.append({"latency_ms": lat["p50_ms"],
-                    "size_mb": sum(p.stat().st_size for p in art.path.glob("*.onnx")) / 2**20})
+        out.append({"latency_ms": lat["p50_ms"], "size_mb": dir_mb(art.path, "*.onnx")})
         shutil.rmtree(work / f"probe-{i}", ignore_errors=True)
     progress("probe shapes", len(recipes), len(recipes), "")
     traits = {"task": "text-classification", "teacher_type": teacher.info.get("model_type"),
               "teacher_parameters": teacher.num_parameters(), "labels": len(teacher.label_names),
-              "shots": cfg.shots, "text_length": real_seq_len(task, teacher, cfg.distill.max_length)}
-    return out, traits
+              "shots": cfg.shots, "text_length": real_seq_len(task, teacher, cfg.distill.max_length),
+              "teacher_layers": n}
+    return recipes, out, traits
 
 
 def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progress) -> Distilled:
@@ -310,14 +316,10 @@ class TextClassificationTask:
     def calibration(self, d: Distilled, cfg: CompileConfig) -> CalibrationSet:
         return calibration_set(d.student, d.transfer, cfg)
 
-    def probe_shapes(self, cfg: CompileConfig, backend: Backend, recipes: list[tuple[int, float, int]],
-                     work: Path, progress: Progress) -> tuple[list[dict[str, float]], dict[str, Any]]:
-        return probe_shapes(cfg, backend, recipes, work, progress)
-
-    def teacher_layers(self, cfg: CompileConfig) -> int:
-        """How many layers the teacher has (the search's candidate depths)."""
-        task = load_data(cfg)
-        return len(load_teacher(cfg.teacher, task.label_names, trust_remote_code=cfg.trust_remote_code).layers())
+    def probe_shapes(self, cfg: CompileConfig, backend: Backend,
+                     candidates: Callable[[int], list[tuple[int, float, int]]], work: Path,
+                     progress: Progress) -> tuple[list[tuple[int, float, int]], list[dict[str, float]], dict[str, Any]]:
+        return probe_shapes(cfg, backend, candidates, work, progress)
 
     def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
         return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length)
