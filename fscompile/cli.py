@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .config import TASKS, DistillConfig
-from .errors import EXIT_CODES, FscompileError, StageError
+from .errors import EXIT_CODES, DeadlineExceeded, FscompileError
 
 DEFAULT_COMMAND = "compile"
 
@@ -94,7 +94,7 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
-        raise StageError(f"the compile ran past --timeout {seconds:g} s and was stopped; nothing was written")
+        raise DeadlineExceeded(f"the compile ran past --timeout {seconds:g} s and was stopped; nothing was written")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -124,7 +124,7 @@ def main() -> None:
 def _fail(e: BaseException, debug: bool) -> None:
     if debug:
         raise e
-    if isinstance(e, FscompileError):
+    if isinstance(e, (FscompileError, DeadlineExceeded)):
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     if isinstance(e, KeyboardInterrupt):

@@ -37,6 +37,13 @@ class BudgetUnmet(FscompileError):
         self.report = report or {}
 
 
+class DeadlineExceeded(BaseException):
+    """``--timeout`` reached (exit code 5). A BaseException, as KeyboardInterrupt is, so that the
+    fallbacks that catch one failing quantizer or exporter (``except Exception``) cannot swallow it."""
+
+    exit_code = 5
+
+
 # click uses 2 for usage errors; 1 is kept for unexpected internal errors.
 EXIT_CODES = {
     0: "success",

@@ -259,6 +259,22 @@ def test_timeout_stops_the_compile_and_writes_nothing(tiny_teacher, tmp_path):
     assert "Traceback" not in r.output and not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_timeout_is_not_swallowed_by_a_fallback_that_catches_exception():
+    """The backends fall back when one quantizer fails (``except Exception``); a --timeout that fires
+    inside such a fallback must still end the compile (CI once saw a 1 s timeout compile for 14 s)."""
+    import time
+
+    from fscompile.cli import _deadline
+    from fscompile.errors import DeadlineExceeded
+
+    with pytest.raises(DeadlineExceeded), _deadline(0.2):
+        try:
+            time.sleep(2)
+        except Exception:  # what a fallback does
+            pass
+        time.sleep(0.1)
+
+
 def test_real_world_text_compiles_and_the_report_counts_what_was_left_out(tiny_teacher, tmp_path):
     """Quoted newlines, control characters, a 100,000-character review, empty texts, labels that differ
     only by case and whitespace, and evaluation rows that repeat a shot, in one data directory."""
