@@ -95,12 +95,14 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
     with locked(out), tempfile.TemporaryDirectory(prefix=f".{out.name}.fscompile-search", suffix=f"-{os.getpid()}",
                                                   dir=out.parent) as tmp:
         work = Path(tmp)
-        recipes, shapes, traits = adapter.probe_shapes(cfg, backend, candidates, work, progress)
+        recipes, shapes, traits = adapter.probe_shapes(cfg, backend, candidates, work, progress,
+                                                       peak=budget.max_peak_mb is not None)
         n = traits["teacher_layers"]
         cands = [{"layers": k, "prune": p, "embedding_bits": b, "layer_fraction": k / n, **shape}
                  for (k, p, b), shape in zip(recipes, shapes)]
         for c, shape in zip(cands, shapes):
-            over = budget.violations({"latency_ms": shape["latency_ms"] / LATENCY_SLACK, "size_mb": shape["size_mb"]})
+            # peak memory is probed (in a fresh process) only under --max-peak-mb; no slack: it hardly varies
+            over = budget.violations({**shape, "latency_ms": shape["latency_ms"] / LATENCY_SLACK})
             if "error" in shape:
                 over = [f"does not build: {shape['error']}"]
             c["status"] = f"dropped before training: {'; '.join(over)}" if over else "feasible"
@@ -197,6 +199,7 @@ def _unmet(cands: list[dict[str, Any]], budget: Budget, trials: int) -> str:
     best = min(shaped, key=lambda c: (len(budget.violations(c)), c["latency_ms"]))
     return (f"no recipe can meet the budget ({budget.describe()}): every candidate was over it before training; "
             f"closest: {_label(best)} at {best['latency_ms']:.2f} ms, {best['size_mb']:.1f} MB"
+            + (f", peak {best['peak_mb']:.0f} MB" if "peak_mb" in best else "")
             if all(c["status"].startswith("dropped") for c in shaped) else
             f"no recipe met the budget ({budget.describe()}): none of the candidates within latency and size is "
             f"expected to keep the retention; the most promising, {_label(best)}, is predicted at "

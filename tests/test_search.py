@@ -72,6 +72,18 @@ def test_a_budget_no_recipe_meets_fails_before_training(tiny_teacher, tmp_path, 
     assert memory.load() == []  # nothing was distilled or built
 
 
+def test_a_peak_memory_budget_is_probed_before_training(tiny_teacher, tmp_path, monkeypatch):
+    """--max-peak-mb: each shape is served once in a fresh process and its peak memory checked before
+    any distillation (no process serving an ONNX model fits in 1 MB)."""
+    monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, [str(tiny_teacher), "--out", str(out), "--max-peak-mb", "1", *FAST])
+    assert r.exit_code == 6, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert "no recipe can meet the budget (peak memory ≤ 1 MB)" in line and " MB, peak " in line, line
+    assert not out.exists() and memory.load() == []
+
+
 def test_a_budget_only_the_teacher_meets_picks_it(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"

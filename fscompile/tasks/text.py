@@ -217,16 +217,18 @@ def evenly_spaced(k: int, n: int) -> list[int]:
 
 
 def probe_shapes(cfg: CompileConfig, backend: Backend, candidates: Callable[[int], list[tuple[int, float, int]]],
-                 work: Path, progress: Progress) -> tuple[list[tuple[int, float, int]], list[dict[str, float]],
-                                                       dict[str, Any]]:
+                 work: Path, progress: Progress, peak: bool = False) -> tuple[list[tuple[int, float, int]],
+                                                                          list[dict[str, float]], dict[str, Any]]:
     """Latency (batch 1 at ``cfg.seq_len``) and size of each recipe's artifact, before any training:
     the student of that many evenly spaced layers, the target's sparsity at that rate and the
     embedding table at those bits, compiled with dynamic INT8 (the variant without calibration
     data) and timed here. Weights do not change latency or size, so no distillation is needed.
     ``candidates(n)`` lists the (layers, prune, embedding bits) recipes for a teacher of ``n`` layers.
+    With ``peak``, each shape is timed in a fresh process instead, as a build is profiled, which also
+    gives the serving process's peak memory (``peak_mb``; about 2 s more per shape).
     Returns the recipes, their figures, and the task's traits in the recipe memory's keys (with
     ``teacher_layers``)."""
-    from ..profile import latency, synthetic_inputs
+    from ..profile import ProfileRequest, latency, profile_model, synthetic_inputs
 
     task = load_data(cfg)
     teacher = load_teacher(cfg.teacher, task.label_names, trust_remote_code=cfg.trust_remote_code)
@@ -247,10 +249,17 @@ def probe_shapes(cfg: CompileConfig, backend: Backend, candidates: Callable[[int
         except StageError as e:  # this shape does not build for the target: the search drops it, says why
             out.append({"latency_ms": math.inf, "size_mb": math.inf, "error": str(e)[:200]})
             continue
-        run = backend.load(art)
-        feed = synthetic_inputs(student.input_names, 1, cfg.seq_len, teacher.tokenizer.vocab_size)
-        lat = latency(lambda: run(feed), warmup=2, min_reps=10, budget_s=0.5)
-        out.append({"latency_ms": lat["p50_ms"], "size_mb": dir_mb(art.path, "*.onnx")})
+        shape = {"size_mb": dir_mb(art.path, "*.onnx")}
+        vocab = teacher.tokenizer.vocab_size
+        if peak:
+            prof = profile_model(ProfileRequest("onnx", str(art.path / art.model_file), vocab, cfg.seq_len,
+                                                batches=(1,), budget_s=0.5))
+            shape.update(latency_ms=prof["batch1"]["p50_ms"], peak_mb=prof["peak_rss_mb"])
+        else:
+            run = backend.load(art)
+            feed = synthetic_inputs(student.input_names, 1, cfg.seq_len, vocab)
+            shape["latency_ms"] = latency(lambda: run(feed), warmup=2, min_reps=10, budget_s=0.5)["p50_ms"]
+        out.append(shape)
         shutil.rmtree(work / f"probe-{i}", ignore_errors=True)
     progress("probe shapes", len(recipes), len(recipes), "")
     traits = {"task": "text-classification", "teacher_type": teacher.info.get("model_type"),
@@ -318,8 +327,9 @@ class TextClassificationTask:
 
     def probe_shapes(self, cfg: CompileConfig, backend: Backend,
                      candidates: Callable[[int], list[tuple[int, float, int]]], work: Path,
-                     progress: Progress) -> tuple[list[tuple[int, float, int]], list[dict[str, float]], dict[str, Any]]:
-        return probe_shapes(cfg, backend, candidates, work, progress)
+                     progress: Progress, peak: bool = False) -> tuple[list[tuple[int, float, int]],
+                                                                      list[dict[str, float]], dict[str, Any]]:
+        return probe_shapes(cfg, backend, candidates, work, progress, peak)
 
     def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
         return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length)
