@@ -336,7 +336,8 @@ class OrtInt8Backend(_OrtBackend):
                     errors[name] = str(e).splitlines()[0][:200]
             if not candidates:
                 raise StageError(f"INT8 quantization failed: {errors}")
-            choice, table = self._choose(fused, candidates, calibration, recipe.seq_len, errors)
+            choice, table = self._choose(fused, candidates, calibration, recipe.seq_len, errors,
+                                         recipe.variant_limits)
             info.update({"variant": choice, "candidates": table, "errors": errors,
                     "calibration_samples": calibration.num_calibration_samples,
                     "validation_samples": calibration.num_validation_samples,
@@ -387,7 +388,8 @@ class OrtInt8Backend(_OrtBackend):
 
     @staticmethod
     def _choose(reference: Path, candidates: dict[str, Path], calibration: CalibrationSet, seq_len: int,
-                errors: dict[str, str]) -> tuple[str, dict[str, dict[str, float]]]:
+                errors: dict[str, str], limits: tuple[float | None, float | None] = (None, None),
+                ) -> tuple[str, dict[str, dict[str, float]]]:
         """The variant to keep, and every candidate's figures; one that ONNX Runtime will not load
         is recorded in ``errors`` and left out, as one that failed to build."""
         ref = OrtRunner(reference)
@@ -408,4 +410,4 @@ class OrtInt8Backend(_OrtBackend):
                            "size_mb": onnx_size_mb(path)}
         if not table:
             raise StageError(f"INT8 quantization failed: {errors}")
-        return choose(table, calibration.num_validation_samples), table
+        return choose(table, calibration.num_validation_samples, limits), table

@@ -88,6 +88,8 @@ class Recipe:
     calibration: str = "auto"
     embedding_bits: int = 8  # 4: the word-embedding table block-quantized to 4 bits
     variant: str | None = None  # build only this INT8 candidate (verification's unpruned twin: latency only)
+    # a budget search's (size MB, batch-1 ms): variants over them are not shipped while another is within
+    variant_limits: tuple[float | None, float | None] = (None, None)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class CompileConfig:
     export_only: bool = False  # build a target's portable files even where it cannot run
     fallback: bool = False  # ship the better variant when the artifact fails verification
     tolerance: float = 0.01  # accuracy the artifact may lose against the fp32 student
+    variant_limits: tuple[float | None, float | None] = (None, None)  # set by the budget search (Recipe's)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
@@ -166,7 +169,8 @@ class CompileConfig:
     def recipe(self) -> Recipe:
         """What this compile asks of the target's ``prepare`` and ``compile`` steps."""
         return Recipe(prune=self.prune_rate(), prune_heads=self.prune_heads, seed=self.seed, seq_len=self.seq_len,
-                      calibration=self.calibration, embedding_bits=self.embedding_bits)
+                      calibration=self.calibration, embedding_bits=self.embedding_bits,
+                      variant_limits=self.variant_limits)
 
     def run_name(self) -> str:
         teacher = self.teacher.rstrip("/").split("/")[-1] or "teacher"

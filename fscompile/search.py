@@ -114,7 +114,8 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             feasible.remove(pick)
             trials += 1
             rcfg = dataclasses.replace(cfg, student_layers=",".join(map(str, _layers(pick["layers"], n))),
-                                       prune=pick["prune"], embedding_bits=pick["embedding_bits"])
+                                       prune=pick["prune"], embedding_bits=pick["embedding_bits"],
+                                       variant_limits=(budget.max_size_mb, budget.max_latency_ms))
             progress("search", trials, max_trials, f"trial {trials}: {pick['layers']} layers, prune "
                      f"{pick['prune']:g}, {pick['embedding_bits']}-bit table")
             trial_dir = work / f"trial-{trials}"

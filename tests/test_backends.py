@@ -22,6 +22,11 @@ def test_choice_prefers_the_smallest_as_accurate_variant():
     assert choose(table, 100000) == "static"  # enough validation inputs to tell them apart
     table["near"] = {"agreement": 0.99, "b1_p50_ms": 5.5, "size_mb": 16.5}
     assert choose(table, 256) == "near"  # sizes within 10% of the smallest: the faster one
+    # a budget search's limits: only the variants within them compete (the static one agreed better,
+    # but a 20 MB budget rules it out), unless none is within
+    del table["near"]
+    assert choose(table, 100000, (20.0, None)) == "dynamic" and choose(table, 100000, (None, 8.0)) == "dynamic"
+    assert choose(table, 256, (None, 5.5)) == "int4" and choose(table, 100000, (1.0, 1.0)) == "static"
 
 
 def test_builtin_targets_are_entry_points():
