@@ -3,7 +3,11 @@ fastest artifact that meets the user's limits.
 
     shape every candidate (latency, size; no training) -> drop those over budget -> distil the
     fastest one the recipe memory expects to keep enough accuracy -> check it -> next, until one
-    meets every limit or ``max_trials`` distillations are spent
+    meets every limit; then faster ones still expected to meet it, until none is left or
+    ``max_trials`` distillations are spent
+
+The memory says how recipes compare on similar tasks; each trial says how this task's level
+differs from the memory's (measured minus predicted), and later predictions are shifted by it.
 
 Each trial is a whole compile (``pipeline.distill_stage`` + ``pipeline.build``) in a scratch
 directory; the winner is moved into ``--out`` with ``search.json`` (every candidate, its figures,
@@ -26,7 +30,7 @@ from .budget import Budget, figures
 from .config import CompileConfig
 from .errors import BudgetUnmet, InputError
 from .memory import load as load_memory
-from .memory import predict_retention, row_from_manifest
+from .memory import predict_retention
 from .outdir import check_out, check_space, locked, staged
 from .report import figure, write_json
 from .tasks import Progress, get_task
@@ -108,9 +112,14 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             c["status"] = f"dropped before training: {'; '.join(over)}" if over else "feasible"
         feasible = sorted((c for c in cands if c["status"] == "feasible"),
                           key=lambda c: (c["latency_ms"], c["size_mb"]))
-        winner, trials = None, 0
+        winner, trials, residuals = None, 0, []
         while feasible and trials < max_trials:
-            pick = _next(feasible, budget, rows, traits)
+            # this task's level against the memory's (measured minus predicted, over its trials so far):
+            # the memory knows how recipes compare, the task's own trials how hard the task is
+            offset = sum(residuals) / len(residuals) if residuals else 0.0
+            pick = _next(feasible, budget, rows, traits, offset, winner)
+            if pick is None:  # nothing faster than the winner is expected to meet the budget
+                break
             feasible.remove(pick)
             trials += 1
             rcfg = dataclasses.replace(cfg, student_layers=",".join(map(str, _layers(pick["layers"], n))),
@@ -122,14 +131,15 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             trial_dir.mkdir()
             manifest = build(distill_stage(rcfg, backend, progress), backend, rcfg, trial_dir, progress,
                              time.perf_counter())
-            row = row_from_manifest(manifest, source="search")
-            rows.append(row)  # build() recorded it too; this search learns from it at once
             pick.update(measured=figures(manifest), trial=trials, dir=str(trial_dir))
+            if pick["measured"]["retention"] is not None:
+                residuals.append(pick["measured"]["retention"] - (pick["predicted_retention"] - offset))
             over = budget.violations(pick["measured"])
             pick["status"] = f"trained, missed: {'; '.join(over)}" if over else "meets the budget"
             if not over:
-                winner = pick
-                break
+                if winner:
+                    winner["status"] = "met the budget; a faster one met it too"
+                winner = pick  # faster in shape than any earlier winner (see _next)
         for c in feasible:
             c.setdefault("status", "not tried")
             if c["status"] == "feasible":
@@ -157,29 +167,38 @@ def _layers(k: int, n: int) -> list[int]:
     return evenly_spaced(k, n)
 
 
-def _predicted(c: dict[str, Any], rows: list[dict[str, Any]], traits: dict[str, Any]) -> float:
-    """Retention the memory expects of candidate ``c``, the prior counting as one nearby row."""
+def _predicted(c: dict[str, Any], rows: list[dict[str, Any]], traits: dict[str, Any], offset: float) -> float:
+    """Retention the memory expects of candidate ``c`` (the prior counting as one nearby row), plus
+    ``offset``, this task's level against the memory's as its trials measured it."""
     recipe = {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}
     prior = prior_retention(c["layer_fraction"], c["prune"], c["embedding_bits"])
-    c["predicted_retention"], used = predict_retention(rows, traits, recipe, prior=prior)
-    c["predicted_from"] = f"prior + {used} memory rows" if used else "prior"
+    guess, used = predict_retention(rows, traits, recipe, prior=prior)
+    c["predicted_retention"] = min(1.0, guess + offset)
+    c["predicted_from"] = (f"prior + {used} memory rows" if used else "prior") + (
+        f", {offset:+.3f} from this task's trials" if offset else "")
     return c["predicted_retention"]
 
 
-def _next(feasible: list[dict[str, Any]], budget: Budget, rows: list[dict[str, Any]],
-          traits: dict[str, Any]) -> dict[str, Any]:
+def _next(feasible: list[dict[str, Any]], budget: Budget, rows: list[dict[str, Any]], traits: dict[str, Any],
+          offset: float, winner: dict[str, Any] | None) -> dict[str, Any] | None:
     """The fastest feasible candidate expected to keep ``--min-retention`` (the fastest of all
-    without one; the most retentive one left when none is expected to)."""
-    for c in feasible:
-        _predicted(c, rows, traits)
+    without one). Before any candidate met the budget and none is expected to: the most retentive
+    one. Once one met it: only faster shapes, and None when none of them is expected to meet it."""
+    pool = [c for c in feasible if winner is None or c["latency_ms"] < winner["latency_ms"]]
+    for c in pool:
+        _predicted(c, rows, traits, offset)
+    if not pool:
+        return None
     if budget.min_retention is None:
-        return feasible[0]
-    hopeful = [c for c in feasible if c["predicted_retention"] >= budget.min_retention - MEMORY_MARGIN]
-    for c in feasible:
+        return pool[0]
+    hopeful = [c for c in pool if c["predicted_retention"] >= budget.min_retention - MEMORY_MARGIN]
+    for c in pool:
         if c not in hopeful:
             c["status"] = (f"skipped: predicted retention {c['predicted_retention']:.3f} "
                            f"({c['predicted_from']}) < {budget.min_retention:g}")
-    return hopeful[0] if hopeful else max(feasible, key=lambda c: c["predicted_retention"])
+    if hopeful:
+        return hopeful[0]
+    return None if winner else max(pool, key=lambda c: c["predicted_retention"])
 
 
 def _label(c: dict[str, Any]) -> str:

@@ -61,6 +61,25 @@ def test_memory_prediction_follows_the_nearest_rows():
     assert memory.predict_retention([], task, recipe, prior=0.99) == (pytest.approx(0.99), 0)
 
 
+def test_the_search_shifts_predictions_by_the_tasks_level_and_then_looks_for_faster_ones():
+    from fscompile.search import _next
+
+    task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
+    fast = {"layers": 2, "prune": 0.4, "embedding_bits": 8, "layer_fraction": 1 / 3, "latency_ms": 1.0}
+    slow = {"layers": 4, "prune": 0.0, "embedding_bits": 8, "layer_fraction": 2 / 3, "latency_ms": 2.0}
+    # a harder task in memory: every recipe there kept 20 points less than the budget asks
+    rows = [{**task, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")},
+             "retention": r} for c, r in ((fast, 0.70), (slow, 0.78))] * 3
+    budget = Budget(min_retention=0.95)
+    assert _next([fast, slow], budget, rows, task, 0.0, None) is slow  # none hopeful: the most retentive
+    assert fast["status"].startswith("skipped: predicted retention 0.7")
+    # had the slow one measured 0.25 above its prediction, this task is that much easier: the fast one is hopeful
+    assert _next([fast, slow], budget, rows, task, 0.25, None) is fast
+    assert _next([fast], budget, rows, task, 0.25, slow) is fast  # faster than the winner: tried
+    assert _next([fast], budget, rows, task, 0.0, slow) is None  # not expected to meet it: the winner stays
+    assert _next([slow], budget, rows, task, 0.25, fast) is None  # slower than the winner: never tried
+
+
 def test_a_budget_no_recipe_meets_fails_before_training(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
