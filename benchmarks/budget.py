@@ -8,10 +8,10 @@ Phase 1, the memory: on every task, the fixed default recipe and the other fixed
 Phase 2, the search: on each task in turn, fscompile searches under two budgets, each with a memory
 of the *other* tasks' rows only and with an empty memory (``--arms``):
   default  what the default recipe met on this task: its latency (re-measured, +15%) and its
-           estimated retention; the reference is the default build
+           estimated retention (less ``--retention-slack``); the reference is the default build
   tight    what the smallest fixed recipe (the last of ``--recipes``) met: its size (+5%), latency
-           (+15%) and estimated retention, which the default recipe cannot meet; the reference is
-           that fixed build
+           (+15%) and estimated retention (less the slack), which the default recipe cannot meet; the
+           reference is that fixed build
 Reported: distillations spent, the pick's latency (timed side by side with the reference) and real
 retention against the reference's, and how the label-free retention estimate tracked real
 retention on every build.
@@ -47,6 +47,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--search", help="tasks to search (default: every task of --tasks)")
     p.add_argument("--arms", default="default,default-no-memory,tight,tight-no-memory",
                    help="searches per task: default or tight budget, with or without the other tasks' memory")
+    p.add_argument("--retention-slack", type=float, default=0.005,
+                   help="budget retention = the reference's estimate minus this: the same recipe's estimate moves "
+                        "0.5-0.6 points between runs and layer choices here (0 in the first runs)")
     p.add_argument("--max-eval", type=int, default=1000)
     p.add_argument("--max-trials", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "bench-out/budget"))
@@ -141,7 +144,7 @@ def main() -> None:
             est = (ref.get("retention_estimates") or {}).get(str(RETENTION_TEMPERATURE), ref["retention_estimate"])
             ref_dir = out / "runs" / t / ref_name
             budget = {"max_latency_ms": round(LATENCY_SLACK * default_latency(ref_dir), 2),
-                      "min_retention": round(est, 3)}
+                      "min_retention": round(est - args.retention_slack, 3)}
             if tight:
                 budget["max_size_mb"] = round(SIZE_SLACK * ref["size_mb"], 1)
             run_dir = out / "runs" / t / f"search-{arm}"
