@@ -118,6 +118,7 @@ def _manifest(d: Distilled, adapter: TaskAdapter, backend: Backend, cfg: Compile
     params = {"teacher": teacher.num_parameters(), "student": student.num_parameters(),
               "artifact": student.num_parameters()}
     transfer = d.transfer.origin if d.transfer is not None else []
+    loaded = getattr(task, "info", None) or {}  # rows left out and labels folded at load; not every task data has them
     return {
         "fscompile_version": version("fscompile"),
         "fingerprint": cfg.fingerprint(),
@@ -132,8 +133,7 @@ def _manifest(d: Distilled, adapter: TaskAdapter, backend: Backend, cfg: Compile
                  "shots_per_class": cfg.shots, "eval_split": task.eval_split, "eval_rows": len(task.eval),
                  "input_length": lengths[0], "real_seq_len": lengths[1],
                  # rows left out (empty text, evaluation rows repeating a shot) and labels folded by case
-                 "dropped": (getattr(task, "info", None) or {}).get("dropped") or {},
-                 "labels_merged": (getattr(task, "info", None) or {}).get("labels_merged") or {}},
+                 "dropped": loaded.get("dropped") or {}, "labels_merged": loaded.get("labels_merged") or {}},
         "student": {"architecture": getattr(student, "arch", None), "layers_kept": d.keep,
                     "teacher_layers": student.info.get("teacher_layers"),
                     "prepare": student.info.get("prepare"), "weights_sha256": weights_sha256(student),

@@ -1,7 +1,7 @@
 """Compile to a budget: search recipes (student depth, pruning, embedding bits) for the smallest,
 fastest artifact that meets the user's limits.
 
-    shape every candidate (latency, size; no training) -> drop those over budget -> distil the
+    shape every candidate (latency, size, peak memory; no training) -> drop those over budget -> distil the
     fastest one the recipe memory expects to keep enough accuracy -> check it -> next, until one
     meets every limit; then faster ones still expected to meet it, until none is left or
     ``max_trials`` distillations are spent
@@ -133,7 +133,7 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
                              time.perf_counter())
             pick.update(measured=figures(manifest), trial=trials, dir=str(trial_dir))
             if pick["measured"]["retention"] is not None:
-                residuals.append(pick["measured"]["retention"] - (pick["predicted_retention"] - offset))
+                residuals.append(pick["measured"]["retention"] - pick["memory_retention"])
             over = budget.violations(pick["measured"])
             pick["status"] = f"trained, missed: {'; '.join(over)}" if over else "meets the budget"
             if not over:
@@ -168,14 +168,16 @@ def _layers(k: int, n: int) -> list[int]:
 
 
 def _predicted(c: dict[str, Any], rows: list[dict[str, Any]], traits: dict[str, Any], offset: float) -> float:
-    """Retention the memory expects of candidate ``c`` (the prior counting as one nearby row), plus
-    ``offset``, this task's level against the memory's as its trials measured it."""
-    recipe = {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}
-    prior = prior_retention(c["layer_fraction"], c["prune"], c["embedding_bits"])
-    guess, used = predict_retention(rows, traits, recipe, prior=prior)
-    c["predicted_retention"] = min(1.0, guess + offset)
-    c["predicted_from"] = (f"prior + {used} memory rows" if used else "prior") + (
-        f", {offset:+.3f} from this task's trials" if offset else "")
+    """Retention the memory expects of candidate ``c`` (the prior counting as one nearby row; kept as
+    ``memory_retention``, the memory does not change during a search), plus ``offset``, this task's
+    level against the memory's as its trials measured it."""
+    if "memory_retention" not in c:
+        recipe = {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}
+        prior = prior_retention(c["layer_fraction"], c["prune"], c["embedding_bits"])
+        c["memory_retention"], used = predict_retention(rows, traits, recipe, prior=prior)
+        c["memory_from"] = f"prior + {used} memory rows" if used else "prior"
+    c["predicted_retention"] = min(1.0, c["memory_retention"] + offset)
+    c["predicted_from"] = c["memory_from"] + (f", {offset:+.3f} from this task's trials" if offset else "")
     return c["predicted_retention"]
 
 
