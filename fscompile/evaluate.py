@@ -31,9 +31,11 @@ def predict(runner: Runner, tokenizer, input_names: list[str], examples: list[Ex
     return out
 
 
-def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None,
+            temperature: float | None = None) -> dict[str, float]:
     """accuracy, macro-F1 and, given the teacher's predictions (or its logits), agreement; with
-    its logits also the retention estimated without labels (:func:`retention_estimate`)."""
+    its logits also the retention estimated without labels (:func:`retention_estimate`, at the
+    teacher's ``temperature``)."""
     from sklearn.metrics import accuracy_score, f1_score
 
     pred = logits.argmax(-1)
@@ -44,14 +46,14 @@ def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None
         ref = reference.argmax(-1) if reference.ndim == 2 else reference
         out["agreement"] = float((pred == ref).mean())
         if reference.ndim == 2:
-            out["retention_estimate"] = retention_estimate(reference, pred)
+            out["retention_estimate"] = retention_estimate(reference, pred, temperature)
             # the same at other temperatures, so benchmarks can refit RETENTION_TEMPERATURE
             out["retention_estimates"] = {str(t): retention_estimate(reference, pred, t) for t in (1.0, 1.5, 2.0, 3.0)}
     return out
 
 
-# Fine-tuned classifiers are over-confident (Guo et al., 2017), heads fitted on a few shots less so.
-# On 9 builds (SST-2 and AG News, 2-3 layers; benchmarks/results/README.md, "Compile to a budget"), the
+# For a teacher that comes with its head. Fine-tuned classifiers are over-confident (Guo et al., 2017);
+# a head fitted here on the shots is calibrated on them instead (fit_temperature). On 9 builds (SST-2 and AG News, 2-3 layers; benchmarks/results/README.md, "Compile to a budget"), the
 # estimate's mean error at T = 1 / 1.5 / 2 / 3 was -0.5 / +0.2 / +0.7 / +1.4 points, within 1.5 points
 # on 78% / 89% / 100% / 44% of them (in-sample, two tasks). Refit: `python benchmarks/retention.py FILES`.
 RETENTION_TEMPERATURE = 2.0
@@ -70,6 +72,25 @@ def retention_estimate(teacher_logits: np.ndarray, pred: np.ndarray, temperature
     return min(1.0, float(p[np.arange(len(pred)), pred].mean()) / teacher) if teacher > 0 else 0.0
 
 
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature that calibrates held-out ``logits`` on their ``labels``: least cross-entropy
+    against the labels smoothed by Laplace's rule (1/(n+2) spread over the other classes), so that
+    a few shots all predicted right still leave room for error instead of driving it to zero."""
+    from scipy.optimize import minimize_scalar
+
+    n, k = logits.shape
+    eps = 1.0 / (n + 2)
+    target = np.full(logits.shape, eps / (k - 1))
+    target[np.arange(n), labels] = 1.0 - eps
+
+    def loss(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        z = z - z.max(-1, keepdims=True)
+        return float(-(target * (z - np.log(np.exp(z).sum(-1, keepdims=True)))).sum(-1).mean())
+
+    return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
 def torch_runner(model: TextModel):
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:
         with torch.inference_mode():
@@ -78,16 +99,16 @@ def torch_runner(model: TextModel):
 
 
 def evaluate_all(task: TaskData, teacher: TextModel, student: TextModel, artifact_runner,
-                 max_length: int) -> dict[str, dict[str, float]]:
-    """Accuracy, macro-F1 and agreement with the teacher on the eval split."""
+                 max_length: int, temperature: float | None = None) -> dict[str, dict[str, float]]:
+    """Accuracy, macro-F1, agreement with the teacher and estimated retention on the eval split."""
     labels = np.array([e.label for e in task.eval])
     names = student.input_names
     t_logits = predict(torch_runner(teacher), teacher.tokenizer, names, task.eval, max_length)
-    out = {"teacher": metrics(t_logits, labels, t_logits)}
+    out = {"teacher": metrics(t_logits, labels, t_logits, temperature)}
     out["student"] = metrics(predict(torch_runner(student), student.tokenizer, names, task.eval, max_length),
-                             labels, t_logits)
+                             labels, t_logits, temperature)
     out["artifact"] = metrics(predict(artifact_runner, student.tokenizer, names, task.eval, max_length),
-                              labels, t_logits)
+                              labels, t_logits, temperature)
     return out
 
 

@@ -35,6 +35,7 @@ def test_compile_end_to_end_with_headless_teacher(tiny_headless, tmp_path):
     assert (out / "manifest.json").is_file() and (out / "report.md").is_file()
     assert (out / "model" / "model.onnx").is_file()
     assert manifest["teacher"]["adaptation"]["method"].startswith("contrastive fine-tuning")
+    assert 0.05 <= manifest["teacher"]["adaptation"]["temperature"] <= 20  # the head calibrated on the shots
     assert manifest["data"]["label_names"] == ["negative", "positive"]
     assert set(manifest["metrics"]) == {"teacher", "student", "artifact"}
     assert manifest["profile"]["artifact"]["batch8"]["p50_ms"] > 0

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from fscompile import memory
 from fscompile.budget import Budget
 from fscompile.cli import main
-from fscompile.evaluate import retention_estimate
+from fscompile.evaluate import fit_temperature, retention_estimate
 
 FAST = ["--steps", "4", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16",
         "--generator", "none", "--shots", "3"]
@@ -33,6 +33,22 @@ def test_retention_estimate_weighs_disagreements_by_the_teachers_confidence():
     assert retention_estimate(sure, one_off, 1.0) == pytest.approx(0.9 + 0.1 * 0.01 / 0.99)  # a whole point lost
     assert retention_estimate(unsure, one_off, 1.0) == pytest.approx(0.9 + 0.1 * 0.45 / 0.55)  # most of it kept
     assert retention_estimate(sure, one_off) > retention_estimate(sure, one_off, 1.0)  # softened by default
+
+
+@pytest.mark.parametrize("truth", [0.5, 2.0])
+def test_a_fitted_temperature_recovers_the_one_that_made_the_labels(truth):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 3))
+    p = np.exp(logits / truth) / np.exp(logits / truth).sum(-1, keepdims=True)
+    labels = np.array([rng.choice(3, p=row) for row in p])
+    assert fit_temperature(logits, labels) == pytest.approx(truth, rel=0.15)
+
+
+def test_a_fitted_temperature_leaves_room_for_error_when_every_shot_is_right():
+    logits = np.array([[4.0, 0.0], [0.0, 4.0]] * 5)
+    t = fit_temperature(logits, np.array([0, 1] * 5))
+    top = 1 / (1 + np.exp(-4.0 / t))
+    assert top == pytest.approx(1 - 1 / 12, abs=0.01)  # Laplace: 10 right of 10 reads as 11/12, not certainty
 
 
 def _writer(path: str, k: int, n: int) -> None:
