@@ -51,6 +51,12 @@ def main() -> None:
     print(f"estimate within {args.tolerance:.1%}: {(np.abs(err) <= args.tolerance).mean():.0%} of builds; "
           f"mean |error| {np.abs(err).mean():.4f}, mean error {err.mean():+.4f}, worst {err[np.abs(err).argmax()]:+.4f}")
     print(f"agreement as the estimate, within {args.tolerance:.1%}: {(np.abs(agree - y) <= args.tolerance).mean():.0%}")
+    sd = np.array([r.get("retention_estimate_sd") or np.nan for r in data])
+    if np.isfinite(sd).any():  # how far chance alone moves measured retention on these rows
+        have = np.isfinite(sd)
+        print(f"sampling spread of measured retention (labels drawn from the estimate's own probabilities): "
+              f"{np.nanmin(sd):.4f}-{np.nanmax(sd):.4f}; within 2 of it: {(np.abs(err[have]) <= 2 * sd[have]).mean():.0%} "
+              f"of {have.sum()} builds")
     temps = sorted({t for r in data for t in (r.get("retention_estimates") or {})}, key=float)
     for t in temps:  # what RETENTION_TEMPERATURE would give (rows that recorded every temperature)
         have = [r for r in data if t in (r.get("retention_estimates") or {})]

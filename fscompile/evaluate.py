@@ -47,6 +47,7 @@ def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None
         out["agreement"] = float((pred == ref).mean())
         if reference.ndim == 2:
             out["retention_estimate"] = retention_estimate(reference, pred, temperature)
+            out["retention_estimate_sd"] = retention_sampling_sd(reference, pred, temperature)
             # the same at other temperatures, so benchmarks can refit RETENTION_TEMPERATURE
             out["retention_estimates"] = {str(t): retention_estimate(reference, pred, t) for t in (1.0, 1.5, 2.0, 3.0)}
     return out
@@ -70,6 +71,26 @@ def retention_estimate(teacher_logits: np.ndarray, pred: np.ndarray, temperature
     p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     teacher = float(p.max(-1).mean())
     return min(1.0, float(p[np.arange(len(pred)), pred].mean()) / teacher) if teacher > 0 else 0.0
+
+
+def retention_sampling_sd(teacher_logits: np.ndarray, pred: np.ndarray, temperature: float | None = None,
+                          draws: int = 200) -> float:
+    """How far measured retention on these rows strays from the estimate by chance alone: labels drawn
+    from the same probabilities the estimate reads, retention measured on each draw, its spread.
+    On 1,000 rows it was 0.8-1.2 points for students agreeing 86-94% with the teacher, ~2 at 55%: a
+    label-free estimate cannot be judged finer than that on so few rows."""
+    z = teacher_logits / (temperature or RETENTION_TEMPERATURE)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    cum = (p / p.sum(-1, keepdims=True)).cumsum(-1)
+    top = teacher_logits.argmax(-1)
+    rng = np.random.default_rng(0)
+    kept = []
+    for _ in range(draws):
+        labels = (rng.random((len(pred), 1)) > cum).sum(-1)
+        right = (top == labels).mean()
+        if right > 0:
+            kept.append((pred == labels).mean() / right)
+    return float(np.std(kept)) if kept else 0.0
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

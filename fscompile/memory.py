@@ -44,6 +44,7 @@ def row_from_manifest(m: dict[str, Any], source: str = "compile") -> dict[str, A
         "text_length": m["data"].get("real_seq_len"),
         "target": m["target"]["name"],
         "recipe": {"layers": len(layers), "layer_fraction": fraction,
+                   "layer_choice": "selected" if m["student"].get("layer_selection") else "spaced",
                    "prune": prep.get("rate", cfg.get("prune") or 0.0), "embedding_bits": cfg["embedding_bits"],
                    "steps": m["distillation"].get("steps"), "transfer": m["distillation"].get("transfer_size"),
                    "variant": m["artifact"].get("variant"), "teacher_layers": n_teacher},
@@ -53,6 +54,7 @@ def row_from_manifest(m: dict[str, Any], source: str = "compile") -> dict[str, A
         "agreement": art.get("agreement"),
         "retention_estimate": art.get("retention_estimate"),
         "retention_estimates": art.get("retention_estimates"),
+        "retention_estimate_sd": art.get("retention_estimate_sd"),
         "retention": acc / t_acc if acc is not None and t_acc else None,
         "cpu": m["device"]["cpu"].get("model"),
         "fingerprint": m["fingerprint"],
@@ -98,7 +100,8 @@ def _task_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 def _recipe_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
     return (4 * abs(a["layer_fraction"] - b["layer_fraction"]) + 2 * abs(a["prune"] - b["prune"])
-            + 0.25 * (a["embedding_bits"] != b["embedding_bits"]))
+            + 0.25 * (a["embedding_bits"] != b["embedding_bits"])
+            + 0.25 * (a.get("layer_choice", "spaced") != b.get("layer_choice", "spaced")))
 
 
 def predict_retention(rows: list[dict[str, Any]], task: dict[str, Any], recipe: dict[str, Any],

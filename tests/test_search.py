@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from fscompile import memory
 from fscompile.budget import Budget
 from fscompile.cli import main
-from fscompile.evaluate import fit_temperature, retention_estimate
+from fscompile.evaluate import fit_temperature, retention_estimate, retention_sampling_sd
 
 FAST = ["--steps", "4", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16",
         "--generator", "none", "--shots", "3"]
@@ -51,6 +51,15 @@ def test_a_fitted_temperature_leaves_room_for_error_when_every_shot_is_right():
     assert top == pytest.approx(1 - 1 / 12, abs=0.01)  # Laplace: 10 right of 10 reads as 11/12, not certainty
 
 
+def test_the_estimates_sampling_spread_shrinks_with_rows_and_vanishes_on_agreement():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (4000, 2))
+    pred = np.where(rng.random(4000) < 0.2, 1 - logits.argmax(-1), logits.argmax(-1))  # 80% agreement
+    small, large = retention_sampling_sd(logits[:250], pred[:250]), retention_sampling_sd(logits, pred)
+    assert 0 < large < small and small / large == pytest.approx(4, rel=0.35)  # ~ 1 / sqrt(rows)
+    assert retention_sampling_sd(logits, logits.argmax(-1)) == 0.0
+
+
 def _writer(path: str, k: int, n: int) -> None:
     for i in range(n):
         memory.record({"writer": k, "i": i, "pad": "x" * 3000}, memory.Path(path))
@@ -77,12 +86,26 @@ def test_memory_prediction_follows_the_nearest_rows():
     assert memory.predict_retention([], task, recipe, prior=0.99) == (pytest.approx(0.99), 0)
 
 
+def test_the_memory_tells_which_layer_choice_kept_more_on_a_similar_task():
+    from fscompile.search import _layers
+
+    task = {"task": "text-classification", "labels": 4, "text_length": 40, "shots": 10}
+    spaced = {"layer_fraction": 1 / 3, "layer_choice": "spaced", "prune": 0.2, "embedding_bits": 4}
+    selected = {**spaced, "layer_choice": "selected"}
+    rows = [{**task, "recipe": spaced, "retention": 0.96}, {**task, "recipe": selected, "retention": 0.98}]
+    guess = {c["layer_choice"]: memory.predict_retention(rows, task, c, prior=0.9)[0] for c in (spaced, selected)}
+    assert guess["selected"] > guess["spaced"] + 0.005
+    assert _layers(2, 6, "spaced") == "2,5" and _layers(2, 6, "selected") == "2"  # a count: the compile chooses
+
+
 def test_the_search_shifts_predictions_by_the_tasks_level_and_then_looks_for_faster_ones():
     from fscompile.search import _next
 
     task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
-    fast = {"layers": 2, "prune": 0.4, "embedding_bits": 8, "layer_fraction": 1 / 3, "latency_ms": 1.0}
-    slow = {"layers": 4, "prune": 0.0, "embedding_bits": 8, "layer_fraction": 2 / 3, "latency_ms": 2.0}
+    fast = {"layers": 2, "layer_choice": "spaced", "prune": 0.4, "embedding_bits": 8, "layer_fraction": 1 / 3,
+            "latency_ms": 1.0}
+    slow = {"layers": 4, "layer_choice": "spaced", "prune": 0.0, "embedding_bits": 8, "layer_fraction": 2 / 3,
+            "latency_ms": 2.0}
     # a harder task in memory: every recipe there kept 20 points less than the budget asks
     rows = [{**task, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")},
              "retention": r} for c, r in ((fast, 0.70), (slow, 0.78))] * 3
@@ -129,12 +152,15 @@ def test_a_budget_only_the_teacher_meets_picks_it(tiny_teacher, tmp_path, monkey
     assert m["search"]["winner"] == "4 layers, prune 0, 8-bit table" and m["search"]["trials"] == 1
     assert m["student"]["layers_kept"] == [0, 1, 2, 3] and m["distillation"]["steps"] == 0
     search = json.loads((out / "search.json").read_text())
-    status = {(c["layers"], c["prune"], c["embedding_bits"]): c["status"] for c in search["candidates"]}
-    assert status[(4, 0.0, 8)] == "meets the budget"
-    assert status[(2, 0.2, 8)].startswith("skipped: predicted retention")
+    status = {(c["layers"], c["layer_choice"], c["prune"], c["embedding_bits"]): c["status"]
+              for c in search["candidates"]}
+    assert status[(4, "spaced", 0.0, 8)] == "meets the budget" and (4, "selected", 0.0, 8) not in status
+    assert status[(2, "selected", 0.2, 8)].startswith("skipped: predicted retention")
+    assert status[(2, "spaced", 0.2, 8)].startswith("skipped: predicted retention")
     assert "## Budget search" in (out / "report.md").read_text() and (out / "pareto.png").is_file()
     rows = memory.load()
     assert len(rows) == 1 and rows[0]["recipe"]["layers"] == 4 and rows[0]["retention_estimate"] >= 0.999
+    assert rows[0]["recipe"]["layer_choice"] == "spaced"
     # the same search may write there again; another budget may not without --force
     from fscompile.errors import InputError
     from fscompile.outdir import check_out
