@@ -29,6 +29,7 @@ class DistillConfig:
     """Few-shot distillation hyper-parameters."""
 
     steps: int | None = None  # None = DEFAULT_STEPS, fewer for long text inputs (distill.text_steps)
+    steps_scale: float = 1.0  # multiplies the derived step count (not --steps); the budget search tries 2
     lr: float | None = None  # None = the task's default (5e-5 text, 2e-4 with unlabeled text, 1e-3 image students)
     batch_size: int = 16
     temperature: float | None = None  # None = DEFAULT_TEMPERATURE, or the task's own (next-token KD: 1.0)
@@ -50,6 +51,8 @@ class DistillConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.steps_scale <= 100:
+            raise ValueError(f"steps_scale must be in (0, 100], got {self.steps_scale}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError("--lr must be > 0")
         # below ~0.1 the softened distributions are one-hot and the KD gradients overflow (NaN weights)
@@ -72,8 +75,10 @@ class DistillConfig:
 
     def resolved(self, derived: int | None = None, temperature: float = DEFAULT_TEMPERATURE) -> DistillConfig:
         """This config with its step count settled (``--steps``, else ``derived``, the task's rule,
-        else :data:`DEFAULT_STEPS`) and its temperature (``--temperature``, else the task's)."""
-        return dataclasses.replace(self, steps=self.steps or derived or DEFAULT_STEPS,
+        else :data:`DEFAULT_STEPS`, times ``steps_scale``) and its temperature (``--temperature``, else
+        the task's)."""
+        steps = self.steps or max(1, round(self.steps_scale * (derived or DEFAULT_STEPS)))
+        return dataclasses.replace(self, steps=steps,
                                    temperature=self.temperature or temperature)
 
 

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .config import DEFAULT_STEPS
 from .report import append_jsonl
 
 MEMORY_FILE = "recipes.jsonl"
@@ -45,6 +46,9 @@ def row_from_manifest(m: dict[str, Any], source: str = "compile") -> dict[str, A
         "target": m["target"]["name"],
         "recipe": {"layers": len(layers), "layer_fraction": fraction,
                    "layer_choice": "selected" if m["student"].get("layer_selection") else "spaced",
+                   # against the default count (--steps given: against DEFAULT_STEPS, exact for short texts)
+                   "steps_scale": (cfg["distill"]["steps"] / DEFAULT_STEPS if cfg["distill"].get("steps")
+                                   else cfg["distill"].get("steps_scale", 1.0)),
                    "prune": prep.get("rate", cfg.get("prune") or 0.0), "embedding_bits": cfg["embedding_bits"],
                    "steps": m["distillation"].get("steps"), "transfer": m["distillation"].get("transfer_size"),
                    "variant": m["artifact"].get("variant"), "teacher_layers": n_teacher},
@@ -101,7 +105,8 @@ def _task_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
 def _recipe_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
     return (4 * abs(a["layer_fraction"] - b["layer_fraction"]) + 2 * abs(a["prune"] - b["prune"])
             + 0.25 * (a["embedding_bits"] != b["embedding_bits"])
-            + 0.25 * (a.get("layer_choice", "spaced") != b.get("layer_choice", "spaced")))
+            + 0.25 * (a.get("layer_choice", "spaced") != b.get("layer_choice", "spaced"))
+            + 0.5 * abs(math.log2(a.get("steps_scale", 1.0) / b.get("steps_scale", 1.0))))
 
 
 def predict_retention(rows: list[dict[str, Any]], task: dict[str, Any], recipe: dict[str, Any],

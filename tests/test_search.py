@@ -98,13 +98,23 @@ def test_the_memory_tells_which_layer_choice_kept_more_on_a_similar_task():
     assert _layers(2, 6, "spaced") == "2,5" and _layers(2, 6, "selected") == "2"  # a count: the compile chooses
 
 
+def test_steps_scale_multiplies_the_derived_count_not_an_explicit_one():
+    from fscompile.config import DistillConfig
+
+    assert DistillConfig(steps_scale=2.0).resolved().steps == 2000
+    assert DistillConfig(steps_scale=2.0).resolved(derived=400).steps == 800  # long inputs: fewer, still doubled
+    assert DistillConfig(steps=300, steps_scale=2.0).resolved().steps == 300
+    with pytest.raises(ValueError, match="steps_scale must be in"):
+        DistillConfig(steps_scale=0)
+
+
 def test_the_search_shifts_predictions_by_the_tasks_level_and_then_looks_for_faster_ones():
     from fscompile.search import _next
 
     task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
-    fast = {"layers": 2, "layer_choice": "spaced", "prune": 0.4, "embedding_bits": 8, "layer_fraction": 1 / 3,
+    fast = {"layers": 2, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.4, "embedding_bits": 8, "layer_fraction": 1 / 3,
             "latency_ms": 1.0}
-    slow = {"layers": 4, "layer_choice": "spaced", "prune": 0.0, "embedding_bits": 8, "layer_fraction": 2 / 3,
+    slow = {"layers": 4, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.0, "embedding_bits": 8, "layer_fraction": 2 / 3,
             "latency_ms": 2.0}
     # a harder task in memory: every recipe there kept 20 points less than the budget asks
     rows = [{**task, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")},
@@ -145,8 +155,9 @@ def test_a_peak_memory_budget_is_probed_before_training(tiny_teacher, tmp_path, 
 def test_a_budget_only_the_teacher_meets_picks_it(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
+    # no --steps: the derived count lets the search offer 2x steps too (the teacher itself trains none)
     r = CliRunner().invoke(main, [str(tiny_teacher), "--out", str(out), "--target", "ort-fp32",
-                                  "--min-retention", "0.999", "--json", *FAST])
+                                  "--min-retention", "0.999", "--json", *FAST[2:]])
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
     assert m["search"]["winner"] == "4 layers, prune 0, 8-bit table" and m["search"]["trials"] == 1
@@ -157,6 +168,8 @@ def test_a_budget_only_the_teacher_meets_picks_it(tiny_teacher, tmp_path, monkey
     assert status[(4, "spaced", 0.0, 8)] == "meets the budget" and (4, "selected", 0.0, 8) not in status
     assert status[(2, "selected", 0.2, 8)].startswith("skipped: predicted retention")
     assert status[(2, "spaced", 0.2, 8)].startswith("skipped: predicted retention")
+    scales = {(c["layers"], c["steps_scale"]) for c in search["candidates"]}
+    assert (2, 2.0) in scales and (2, 1.0) in scales and (4, 2.0) not in scales  # the teacher is not trained
     assert "## Budget search" in (out / "report.md").read_text() and (out / "pareto.png").is_file()
     rows = memory.load()
     assert len(rows) == 1 and rows[0]["recipe"]["layers"] == 4 and rows[0]["retention_estimate"] >= 0.999
