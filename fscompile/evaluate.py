@@ -54,10 +54,18 @@ def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None
 
 
 # For a teacher that comes with its head. Fine-tuned classifiers are over-confident (Guo et al., 2017);
-# a head fitted here on the shots is calibrated on them instead (fit_temperature). On 9 builds (SST-2 and AG News, 2-3 layers; benchmarks/results/README.md, "Compile to a budget"), the
-# estimate's mean error at T = 1 / 1.5 / 2 / 3 was -0.5 / +0.2 / +0.7 / +1.4 points, within 1.5 points
+# a head fitted here on the shots is calibrated on them instead (fit_temperature). On 9 builds (SST-2 and
+# AG News, 2-3 layers; benchmarks/results/README.md, "Compile to a budget"), the estimate's mean error at T = 1 / 1.5 / 2 / 3 was -0.5 / +0.2 / +0.7 / +1.4 points, within 1.5 points
 # on 78% / 89% / 100% / 44% of them (in-sample, two tasks). Refit: `python benchmarks/retention.py FILES`.
 RETENTION_TEMPERATURE = 2.0
+
+
+def _teacher_probabilities(teacher_logits: np.ndarray, temperature: float | None) -> np.ndarray:
+    """The teacher's softmax at ``temperature`` (None: :data:`RETENTION_TEMPERATURE`), read as the
+    chance each class is right."""
+    from scipy.special import softmax
+
+    return softmax(teacher_logits / (temperature or RETENTION_TEMPERATURE), axis=-1)
 
 
 def retention_estimate(teacher_logits: np.ndarray, pred: np.ndarray, temperature: float | None = None) -> float:
@@ -66,9 +74,7 @@ def retention_estimate(teacher_logits: np.ndarray, pred: np.ndarray, temperature
     is the mean probability the teacher gives its answers (the teacher's own: its mean top
     probability). A disagreement where the teacher hesitated costs little; one where it was sure
     costs a whole point."""
-    z = teacher_logits / (temperature or RETENTION_TEMPERATURE)
-    z = z - z.max(-1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    p = _teacher_probabilities(teacher_logits, temperature)
     teacher = float(p.max(-1).mean())
     return min(1.0, float(p[np.arange(len(pred)), pred].mean()) / teacher) if teacher > 0 else 0.0
 
@@ -79,9 +85,7 @@ def retention_sampling_sd(teacher_logits: np.ndarray, pred: np.ndarray, temperat
     from the same probabilities the estimate reads, retention measured on each draw, its spread.
     On 1,000 rows it was 0.8-1.2 points for students agreeing 86-94% with the teacher, ~2 at 55%: a
     label-free estimate cannot be judged finer than that on so few rows."""
-    z = teacher_logits / (temperature or RETENTION_TEMPERATURE)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    cum = (p / p.sum(-1, keepdims=True)).cumsum(-1)
+    cum = _teacher_probabilities(teacher_logits, temperature).cumsum(-1)
     top = teacher_logits.argmax(-1)
     rng = np.random.default_rng(0)
     kept = []
@@ -98,6 +102,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     against the labels smoothed by Laplace's rule (1/(n+2) spread over the other classes), so that
     a few shots all predicted right still leave room for error instead of driving it to zero."""
     from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
 
     n, k = logits.shape
     eps = 1.0 / (n + 2)
@@ -105,9 +110,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     target[np.arange(n), labels] = 1.0 - eps
 
     def loss(log_t: float) -> float:
-        z = logits / np.exp(log_t)
-        z = z - z.max(-1, keepdims=True)
-        return float(-(target * (z - np.log(np.exp(z).sum(-1, keepdims=True)))).sum(-1).mean())
+        return float(-(target * log_softmax(logits / np.exp(log_t), axis=-1)).sum(-1).mean())
 
     return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
 

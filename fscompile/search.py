@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -213,14 +213,13 @@ def _next(feasible: list[dict[str, Any]], budget: Budget, rows: list[dict[str, A
             c["status"] = (f"skipped: predicted retention {c['predicted_retention']:.3f} "
                            f"({c['predicted_from']}) < {budget.min_retention:g}")
     if hopeful:  # the fastest shape; of its variants the cheapest to train, then the most promising
-        return min(hopeful, key=lambda c: (c["latency_ms"], c.get("size_mb", 0.0), c.get("steps_scale", 1.0),
-                                           -c["predicted_retention"]))
+        return min(hopeful, key=lambda c: (c["latency_ms"], c["size_mb"], c["steps_scale"], -c["predicted_retention"]))
     return None if winner else max(pool, key=lambda c: c["predicted_retention"])
 
 
 def _label(c: dict[str, Any]) -> str:
-    chosen = " (selected)" if c.get("layer_choice") == "selected" else ""
-    longer = f", {c['steps_scale']:g}x steps" if c.get("steps_scale", 1.0) != 1.0 else ""
+    chosen = " (selected)" if c["layer_choice"] == "selected" else ""
+    longer = f", {c['steps_scale']:g}x steps" if c["steps_scale"] != 1.0 else ""
     return f"{c['layers']} layers{chosen}, prune {c['prune']:g}, {c['embedding_bits']}-bit table{longer}"
 
 
@@ -261,8 +260,8 @@ def _with_search(stage: Path, report: dict[str, Any]) -> dict[str, Any]:
     for c in report["candidates"]:
         m = c.get("measured") or {}
         cell = (lambda v, f: "—" if v is None else format(v, f))
-        layers = (f"{c['layers']}{' selected' if c.get('layer_choice') == 'selected' else ''}"
-                  f"{', %gx steps' % c['steps_scale'] if c.get('steps_scale', 1.0) != 1.0 else ''}")
+        layers = (f"{c['layers']}{' selected' if c['layer_choice'] == 'selected' else ''}"
+                  f"{', %gx steps' % c['steps_scale'] if c['steps_scale'] != 1.0 else ''}")
         lines.append(f"| {layers} | {c['prune']:g} | {c['embedding_bits']} | {c['latency_ms']:.2f} | "
                      f"{c['size_mb']:.1f} | {cell(c.get('predicted_retention'), '.3f')} | "
                      f"{cell(m.get('latency_ms'), '.2f')} | {cell(m.get('size_mb'), '.1f')} | "
@@ -288,6 +287,6 @@ def pareto(cands: list[dict[str, Any]], path: Path) -> None:
                 continue
             trained = "measured" in c
             ax.plot(c["latency_ms"], y, "o" if trained else "x", color="tab:blue" if trained else "grey")
-            chosen = ("s" if c.get("layer_choice") == "selected" else "") + ("+" if c.get("steps_scale", 1) > 1 else "")
-            ax.annotate(f"{c['layers']}L{chosen} p{c['prune']:g} {c['embedding_bits']}b", (c["latency_ms"], y), fontsize=6,
+            marks = ("s" if c["layer_choice"] == "selected" else "") + ("+" if c["steps_scale"] > 1 else "")
+            ax.annotate(f"{c['layers']}L{marks} p{c['prune']:g} {c['embedding_bits']}b", (c["latency_ms"], y), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")

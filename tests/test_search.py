@@ -113,9 +113,9 @@ def test_the_search_shifts_predictions_by_the_tasks_level_and_then_looks_for_fas
 
     task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
     fast = {"layers": 2, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.4, "embedding_bits": 8, "layer_fraction": 1 / 3,
-            "latency_ms": 1.0}
+            "latency_ms": 1.0, "size_mb": 10.0}
     slow = {"layers": 4, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.0, "embedding_bits": 8, "layer_fraction": 2 / 3,
-            "latency_ms": 2.0}
+            "latency_ms": 2.0, "size_mb": 20.0}
     # a harder task in memory: every recipe there kept 20 points less than the budget asks
     rows = [{**task, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")},
              "retention": r} for c, r in ((fast, 0.70), (slow, 0.78))] * 3
