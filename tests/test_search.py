@@ -129,6 +129,46 @@ def test_the_search_shifts_predictions_by_the_tasks_level_and_then_looks_for_fas
     assert _next([slow], budget, rows, task, 0.25, fast) is None  # slower than the winner: never tried
 
 
+def test_a_candidate_predicted_to_meet_the_budget_goes_before_a_faster_long_shot():
+    from fscompile.search import _next
+
+    task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
+    fast = {"layers": 2, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.4, "embedding_bits": 8,
+            "layer_fraction": 1 / 3, "latency_ms": 1.0, "size_mb": 10.0}
+    slow = {**fast, "layers": 3, "layer_fraction": 0.5, "latency_ms": 2.0}
+    winner = {**fast, "latency_ms": 3.0}
+    budget = Budget(min_retention=0.95)
+
+    def rows(fast_kept: float, slow_kept: float) -> list[dict]:
+        return [{**task, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}, "retention": r}
+                for c, r in ((fast, fast_kept), (slow, slow_kept))] * 3
+
+    # fast a point short, slow predicted to meet it: slow first, whatever the state of the search
+    for calibrated, won in ((False, None), (True, None), (True, winner)):
+        assert _next([dict(fast), dict(slow)], budget, rows(0.94, 0.97), task, 0.0, won, calibrated)["layers"] == 3
+    # both a point or two short: the fastest before any trial and once one met the budget; after a miss, the
+    # most retentive (the likeliest to meet it at all)
+    for calibrated, won, layers in ((False, None, 2), (True, winner, 2), (True, None, 3)):
+        pick = _next([dict(fast), dict(slow)], budget, rows(0.94, 0.95), task, 0.0, won, calibrated)
+        assert pick["layers"] == layers and pick["predicted_retention"] < 0.95
+
+
+def test_a_shape_that_measured_over_the_latency_drops_its_untried_variants():
+    from fscompile.search import _drop_siblings
+
+    shape = {"layers": 3, "prune": 0.0, "embedding_bits": 8, "latency_ms": 2.0, "size_mb": 16.0}
+    tried = {**shape, "layer_choice": "spaced", "steps_scale": 2.0, "trial": 1,
+             "measured": {"latency_ms": 2.6, "size_mb": 16.0, "peak_mb": None, "retention": 0.99}}
+    twin = {**shape, "layer_choice": "selected", "steps_scale": 1.0}
+    other = {**shape, "prune": 0.2, "layer_choice": "spaced", "steps_scale": 1.0}
+    feasible = [twin, other]
+    _drop_siblings(feasible, tried, Budget(max_latency_ms=2.2, min_retention=0.999))  # retention is no shape's
+    assert feasible == [other]
+    assert twin["status"] == "dropped: its shape measured latency 2.6 ms > 2.2 ms when built (trial 1)"
+    _drop_siblings(feasible, {**tried, "prune": 0.2}, Budget(max_latency_ms=3.0))  # within it: kept
+    assert feasible == [other]
+
+
 def test_a_budget_no_recipe_meets_fails_before_training(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
