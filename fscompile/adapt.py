@@ -6,7 +6,7 @@ import torch
 
 from .data import Example
 from .distill import Batcher, use_bf16
-from .evaluate import fit_temperature
+from .evaluate import held_out_temperature, two_logits
 from .models.text import MeanPoolClassifier, TextModel
 
 
@@ -74,7 +74,7 @@ def fit_head(teacher: TextModel, shots: list[Example], seed: int = 0) -> dict[st
     the solver: C is chosen by leave-one-out accuracy over a small grid.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import LeaveOneOut, StratifiedKFold, cross_val_predict, cross_val_score
+    from sklearn.model_selection import LeaveOneOut, StratifiedKFold, cross_val_score
 
     pairs = [s.text_pair or "" for s in shots] if any(s.text_pair for s in shots) else None
     tuning = contrastive_tune(teacher, shots, seed)
@@ -88,18 +88,14 @@ def fit_head(teacher: TextModel, shots: list[Example], seed: int = 0) -> dict[st
             best_c, best_acc = c, float(acc)
     clf = LogisticRegression(C=best_c, max_iter=2000).fit(x, y)
     w, b = clf.coef_, clf.intercept_
-    if w.shape[0] == 1:  # binary: sklearn keeps one row; split it symmetrically into two logits
-        w, b = np.concatenate([-w / 2, w / 2]), np.concatenate([-b / 2, b / 2])
+    if w.shape[0] == 1:
+        w, b = two_logits(w, 0), two_logits(b, 0)
     # The head's probabilities are regularised, hence far too soft: on AG News (4 classes, 10 shots)
     # its mean top probability was 0.52 against 0.83 accuracy, so the label-free retention estimate
     # read the student's disagreements as nearly free. Calibrate them on the held-out folds' logits.
     temperature = None
     if np.bincount(y).min() >= 2:  # every fold's training set then keeps every class
-        held = cross_val_predict(LogisticRegression(C=best_c, max_iter=2000), x, y, cv=folds,
-                                 method="decision_function")
-        if held.ndim == 1:
-            held = np.stack([-held / 2, held / 2], 1)
-        temperature = fit_temperature(held, y)
+        temperature = held_out_temperature(LogisticRegression(C=best_c, max_iter=2000), x, y, folds)
     head = teacher.module.head
     head.weight.data = torch.tensor(w, dtype=head.weight.dtype)
     head.bias.data = torch.tensor(b, dtype=head.bias.dtype)

@@ -115,6 +115,22 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
 
 
+def held_out_temperature(estimator, x: np.ndarray, y: np.ndarray, cv, groups: np.ndarray | None = None,
+                         rows: slice = slice(None)) -> float:
+    """:func:`fit_temperature` on ``estimator``'s decision values for ``x[rows]``, each predicted by a
+    fit without its fold (``cv``, folds by ``groups`` if given)."""
+    from sklearn.model_selection import cross_val_predict
+
+    held = cross_val_predict(estimator, x, y, groups=groups, cv=cv, method="decision_function")[rows]
+    return fit_temperature(held if held.ndim == 2 else two_logits(held[:, None], 1), y[rows])
+
+
+def two_logits(one: np.ndarray, axis: int) -> np.ndarray:
+    """sklearn's binary linear model keeps one score (one row of weights); split it symmetrically into
+    two classes' logits, whose softmax is the sigmoid of the score."""
+    return np.concatenate([-one / 2, one / 2], axis)
+
+
 def torch_runner(model: TextModel):
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:
         with torch.inference_mode():

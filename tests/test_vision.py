@@ -165,25 +165,32 @@ def test_channel_pruned_student_shrinks_reloads_and_exports(arch, tmp_path):
     np.testing.assert_allclose(sess.run(["logits"], {"pixel_values": x.numpy()})[0], ref.numpy(), atol=1e-4)
 
 
-def test_teacher_with_other_classes_gets_a_refitted_head(colours, tmp_path):
+@pytest.mark.parametrize("classes", [3, 2])  # two: sklearn's one-row binary head becomes two logits
+def test_teacher_with_other_classes_gets_a_refitted_head(colours, tmp_path, classes):
+    import shutil
+
     import torch
     import torchvision
 
     from fscompile.data.images import load_image_task
     from fscompile.models.vision import load_image_teacher
-    from fscompile.tasks.vision import fit_image_head
+    from fscompile.tasks.vision import fit_image_head, predict_images, torch_image_runner
 
     torch.manual_seed(0)
     w = tmp_path / "five.pt"
     torch.save(torchvision.models.get_model("resnet18", weights=None, num_classes=5).state_dict(), w)
-    task = load_image_task(str(colours), shots=4, seed=0)
+    dropped = sorted(COLOURS)[classes:]
+    root = shutil.copytree(colours, tmp_path / "data", ignore=lambda d, names: [n for n in names if n in dropped])
+    task = load_image_task(str(root), shots=4, seed=0)
     teacher = load_image_teacher("resnet18", task.label_names, 32, str(w))
     assert not teacher.has_head
     info = fit_image_head(teacher, task, seed=0)
     assert teacher.has_head and teacher.label_names == task.label_names
     assert info["train_accuracy"] > 0.9  # colour is linearly separable even in random features
-    with torch.no_grad():
-        assert teacher.module(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
+    assert 0.05 <= info["temperature"] <= 20  # fitted on held-out shots, for the label-free estimate
+    logits = predict_images(torch_image_runner(teacher), teacher, task.shots)
+    assert logits.shape == (len(task.shots), classes)
+    assert (logits.argmax(-1) == [e.label for e in task.shots]).mean() > 0.9  # the installed head is the fitted one
 
 
 @pytest.mark.parametrize("args,message", [

@@ -46,6 +46,12 @@ class Distilled:
     checkpoint: Path | None = None
     sources: dict[str, Any] | None = None  # what the student learnt from (counts per origin, generator)
 
+    @property
+    def teacher_temperature(self) -> float | None:
+        """The temperature that calibrates a head fitted here on the shots, for the label-free retention
+        estimate (None: the teacher came with its own head, read at the estimate's default)."""
+        return (self.adaptation or {}).get("temperature")
+
 
 def prepare(student: Any, backend: Backend | None, cfg: CompileConfig) -> tuple[Any, Any | None]:
     """``student`` with ``backend``'s sparsity pattern, and an unpruned copy for verification.

@@ -308,11 +308,6 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
                      learnt_from)
 
 
-def teacher_temperature(d: Distilled) -> float | None:
-    """The temperature that calibrates a head fitted here (None: the teacher came with its own)."""
-    return (d.adaptation or {}).get("temperature")
-
-
 class TextClassificationTask:
     """The text-classification adapter: the stages above."""
 
@@ -337,7 +332,7 @@ class TextClassificationTask:
         return probe_shapes(cfg, backend, candidates, work, progress, peak)
 
     def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
-        return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length, teacher_temperature(d))
+        return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length, d.teacher_temperature)
 
     def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]:
         return d.teacher.tokenizer.vocab_size, cfg.seq_len, real_seq_len(d.task, d.student, cfg.distill.max_length)
@@ -347,4 +342,4 @@ class TextClassificationTask:
         return predict(runner or torch_runner(model), model.tokenizer, model.input_names, d.task.eval, max_length)
 
     def score(self, d: Distilled, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-        return metrics(preds, np.array([e.label for e in d.task.eval]), reference, teacher_temperature(d))
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference, d.teacher_temperature)

@@ -18,7 +18,7 @@ from ..calibration import CalibrationSet, from_views
 from ..config import CompileConfig, DistillConfig
 from ..data.images import ImageTaskData
 from ..distill import BestCheckpoint, DistillStats, kd_loss, set_seed
-from ..evaluate import metrics
+from ..evaluate import held_out_temperature, metrics, two_logits
 from ..models.vision import ImageModel, final_linear
 from .base import Distilled, Progress, prepare, recovered, timed
 
@@ -146,15 +146,28 @@ def fit_image_head(teacher: ImageModel, task: ImageTaskData, seed: int, views: i
     f = features(teacher, torch.cat(xs)).numpy()
     y = np.tile(labels, views)
     clf = LogisticRegression(max_iter=2000, C=1.0).fit(f, y)
+    # as the text head (fscompile.adapt.fit_head): regularised probabilities need a temperature for the
+    # label-free retention estimate, fitted on held-out shots (all their views out), scored on their clean view
+    temperature = None
+    per_class = int(np.bincount(labels).min())
+    if per_class >= 2:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        folds = StratifiedGroupKFold(min(5, per_class), shuffle=True, random_state=seed)
+        temperature = held_out_temperature(LogisticRegression(max_iter=2000, C=1.0), f, y, folds,
+                                           groups=np.tile(np.arange(len(labels)), views), rows=slice(len(labels)))
     parent, attr, old = final_linear(teacher.module.net)
     head = torch.nn.Linear(old.in_features, task.num_labels)
+    w, b = clf.coef_, clf.intercept_
+    if w.shape[0] == 1:  # copied as is, sklearn's one binary row would fill both logits alike
+        w, b = two_logits(w, 0), two_logits(b, 0)
     with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(clf.coef_).float())
-        head.bias.copy_(torch.from_numpy(clf.intercept_).float())
+        head.weight.copy_(torch.from_numpy(w).float())
+        head.bias.copy_(torch.from_numpy(b).float())
     setattr(parent, attr, head)
     teacher.label_names, teacher.has_head = list(task.label_names), True
     return {"method": "logistic regression on penultimate features", "views_per_shot": views,
-            "train_accuracy": float(clf.score(f, y))}
+            "train_accuracy": float(clf.score(f, y)), "temperature": temperature}
 
 
 def recalibrate_batchnorm(model: ImageModel, x: torch.Tensor, batch: int = 64) -> None:
@@ -265,13 +278,15 @@ def torch_image_runner(model: ImageModel):
     return run
 
 
-def evaluate_images(task: ImageTaskData, teacher: ImageModel, student: ImageModel, artifact_runner) -> dict[str, Any]:
-    """Accuracy, macro-F1 and agreement with the teacher on the evaluation images."""
+def evaluate_images(task: ImageTaskData, teacher: ImageModel, student: ImageModel, artifact_runner,
+                    temperature: float | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1, agreement with the teacher and estimated retention on the evaluation images."""
     labels = np.array([e.label for e in task.eval])
     t_logits = predict_images(torch_image_runner(teacher), teacher, task.eval)
-    return {"teacher": metrics(t_logits, labels, t_logits),
-            "student": metrics(predict_images(torch_image_runner(student), student, task.eval), labels, t_logits),
-            "artifact": metrics(predict_images(artifact_runner, student, task.eval), labels, t_logits)}
+    return {"teacher": metrics(t_logits, labels, t_logits, temperature),
+            "student": metrics(predict_images(torch_image_runner(student), student, task.eval), labels, t_logits,
+                               temperature),
+            "artifact": metrics(predict_images(artifact_runner, student, task.eval), labels, t_logits, temperature)}
 
 
 class ImageClassificationTask:
@@ -318,7 +333,7 @@ class ImageClassificationTask:
         return from_views(lambda n, seed: variants(d.student, d.task, n, seed).numpy(), cfg.seed)
 
     def evaluate(self, d: Any, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
-        return evaluate_images(d.task, d.teacher, d.student, runner)
+        return evaluate_images(d.task, d.teacher, d.student, runner, d.teacher_temperature)
 
     def input_size(self, d: Any, cfg: CompileConfig) -> tuple[int, int, int | None]:
         return 0, d.student.image_size, None
@@ -328,7 +343,7 @@ class ImageClassificationTask:
         return predict_images(runner or torch_image_runner(model), model, d.task.eval)
 
     def score(self, d: Any, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-        return metrics(preds, np.array([e.label for e in d.task.eval]), reference)
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference, d.teacher_temperature)
 
 
 def native_size(task: ImageTaskData) -> int:
