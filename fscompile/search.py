@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -255,7 +256,7 @@ def _unmet(cands: list[dict[str, Any]], budget: Budget, trials: int) -> str:
         why = "; ".join(budget.violations(f))
         return (f"no recipe met the budget ({budget.describe()}) in {trials} distillation(s); closest: "
                 f"{_label(best)}: {why} (latency {f['latency_ms']:.2f} ms, {f['size_mb']:.1f} MB, estimated retention "
-                f"{f['retention']:.3f})")
+                f"{f['retention']:.3f})" + _drift(measured, budget))
     shaped = [c for c in cands if "latency_ms" in c]
     best = min(shaped, key=lambda c: (len(budget.violations(c)), c["latency_ms"]))
     return (f"no recipe can meet the budget ({budget.describe()}): every candidate was over it before training; "
@@ -265,6 +266,18 @@ def _unmet(cands: list[dict[str, Any]], budget: Budget, trials: int) -> str:
             f"no recipe met the budget ({budget.describe()}): none of the candidates within latency and size is "
             f"expected to keep the retention; the most promising, {_label(best)}, is predicted at "
             f"{best.get('predicted_retention', float('nan')):.3f}")
+
+
+def _drift(measured: list[dict[str, Any]], budget: Budget) -> str:
+    """A hint when every trial missed on latency alone and ran well over its own shape's timing: the
+    machine slowed between the probes and the builds (a shared VM's batch-1 latency moved by a third
+    within minutes here), so the verdict is the machine's state, not the recipe's."""
+    misses = [budget.violations(c["measured"]) for c in measured]
+    if not all(len(m) == 1 and m[0].startswith("latency") for m in misses):
+        return ""
+    slower = statistics.median(c["measured"]["latency_ms"] / c["latency_ms"] for c in measured)
+    return (f"; every trial missed on latency alone, built at {slower:.2f}x its shape's timing before training: "
+            "this machine may have slowed meanwhile, rerun when it is idle" if slower > LATENCY_SLACK else "")
 
 
 def _with_search(stage: Path, report: dict[str, Any]) -> dict[str, Any]:

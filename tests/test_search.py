@@ -169,6 +169,23 @@ def test_a_shape_that_measured_over_the_latency_drops_its_untried_variants():
     assert feasible == [other]
 
 
+def test_a_miss_on_latency_alone_after_the_machine_slowed_says_so():
+    from fscompile.search import _unmet
+
+    def trial(probe: float, built: float, kept: float) -> dict:
+        return {"layers": 3, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.2, "embedding_bits": 8,
+                "latency_ms": probe, "size_mb": 16.0, "status": "trained",
+                "measured": {"latency_ms": built, "size_mb": 16.0, "peak_mb": None, "retention": kept}}
+
+    budget = Budget(max_latency_ms=2.2, min_retention=0.97)
+    slowed = _unmet([trial(1.92, 2.4, 0.98), trial(2.0, 2.5, 0.99)], budget, 2)
+    assert slowed.startswith("no recipe met the budget") and "built at 1.25x its shape's timing" in slowed
+    assert "\n" not in slowed
+    # a retention miss among them, or builds as fast as their probes: no hint
+    assert "slowed" not in _unmet([trial(1.9, 2.4, 0.98), trial(1.5, 1.9, 0.95)], budget, 2)
+    assert "slowed" not in _unmet([trial(2.3, 2.35, 0.98)], budget, 1)
+
+
 def test_a_budget_no_recipe_meets_fails_before_training(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
