@@ -1,11 +1,11 @@
 """Does training longer, or on a larger transfer set, buy retention? The same recipe at 1x and 2x the
-derived step count, and with 100 or 200 augmented variants per shot (issue 20).
+derived step count, and with 50, 100 (the default) or 200 augmented variants per shot (issue 20).
 
-    python benchmarks/steps.py --out bench-out/steps                                  # steps
-    python benchmarks/steps.py --scales 1 --augments 100,200 --out bench-out/transfer   # transfer-set size
+    python benchmarks/steps.py --out bench-out/steps                                 # steps
+    python benchmarks/steps.py --scales 1 --augments 50,200 --out bench-out/transfer   # transfer-set size
 
 One fixed recipe per task of ``benchmarks/budget.py`` (its teachers and data; QNLI's from
-``benchmarks/finetune_teacher.py --task qnli``), compiled with ``steps_scale`` 1 and 2, real and
+``benchmarks/finetune_teacher.py --task qnli``), compiled at each ``--scales`` x ``--augments``, real and
 estimated retention side by side. The answer decides whether each is a default or a search dimension.
 """
 from __future__ import annotations

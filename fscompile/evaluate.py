@@ -55,8 +55,9 @@ def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None
 
 # For a teacher that comes with its head. Fine-tuned classifiers are over-confident (Guo et al., 2017);
 # a head fitted here on the shots is calibrated on them instead (fit_temperature). On 9 builds (SST-2 and
-# AG News, 2-3 layers; benchmarks/results/README.md, "Compile to a budget"), the estimate's mean error at T = 1 / 1.5 / 2 / 3 was -0.5 / +0.2 / +0.7 / +1.4 points, within 1.5 points
-# on 78% / 89% / 100% / 44% of them (in-sample, two tasks). Refit: `python benchmarks/retention.py FILES`.
+# AG News, 2-3 layers; benchmarks/results/README.md, "Compile to a budget"), the estimate's mean error at
+# T = 1 / 1.5 / 2 / 3 was -0.5 / +0.2 / +0.7 / +1.4 points, within 1.5 points on 78% / 89% / 100% / 44% of
+# them (in-sample, two tasks). Refit: `python benchmarks/retention.py FILES`.
 RETENTION_TEMPERATURE = 2.0
 
 

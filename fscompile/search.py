@@ -221,11 +221,11 @@ def _next(feasible: list[dict[str, Any]], budget: Budget, rows: list[dict[str, A
         if c not in hopeful:
             c["status"] = (f"skipped: predicted retention {c['predicted_retention']:.3f} "
                            f"({c['predicted_from']}) < {budget.min_retention:g}")
-    confident = [c for c in hopeful if c["predicted_retention"] >= budget.min_retention]
-    if not confident and (winner or not calibrated):
-        confident = hopeful
-    if confident:  # the fastest shape; of its variants the cheapest to train, then the most promising
-        return min(confident, key=lambda c: (c["latency_ms"], c["size_mb"], c["steps_scale"], -c["predicted_retention"]))
+    eligible = [c for c in hopeful if c["predicted_retention"] >= budget.min_retention]
+    if not eligible and (winner or not calibrated):  # the long shots' turn
+        eligible = hopeful
+    if eligible:  # the fastest shape; of its variants the cheapest to train, then the most promising
+        return min(eligible, key=lambda c: (c["latency_ms"], c["size_mb"], c["steps_scale"], -c["predicted_retention"]))
     return None if winner else max(pool, key=lambda c: c["predicted_retention"])
 
 

@@ -108,17 +108,25 @@ def test_steps_scale_multiplies_the_derived_count_not_an_explicit_one():
         DistillConfig(steps_scale=0)
 
 
+# a two-label task of short texts, and its fastest candidate (2 of 6 layers, 40% pruned), for the search's choices
+TASK = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
+QUICK = {"layers": 2, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.4, "embedding_bits": 8,
+        "layer_fraction": 1 / 3, "latency_ms": 1.0, "size_mb": 10.0}
+
+
+def kept(*measured: tuple[dict, float]) -> list[dict]:
+    """Recipe-memory rows of TASK: each (candidate, retention) three times."""
+    return [{**TASK, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}, "retention": r}
+            for c, r in measured] * 3
+
+
 def test_the_search_shifts_predictions_by_the_tasks_level_and_then_looks_for_faster_ones():
     from fscompile.search import _next
 
-    task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
-    fast = {"layers": 2, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.4, "embedding_bits": 8, "layer_fraction": 1 / 3,
-            "latency_ms": 1.0, "size_mb": 10.0}
-    slow = {"layers": 4, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.0, "embedding_bits": 8, "layer_fraction": 2 / 3,
-            "latency_ms": 2.0, "size_mb": 20.0}
+    task, fast = TASK, dict(QUICK)
+    slow = {**fast, "layers": 4, "prune": 0.0, "layer_fraction": 2 / 3, "latency_ms": 2.0, "size_mb": 20.0}
     # a harder task in memory: every recipe there kept 20 points less than the budget asks
-    rows = [{**task, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")},
-             "retention": r} for c, r in ((fast, 0.70), (slow, 0.78))] * 3
+    rows = kept((fast, 0.70), (slow, 0.78))
     budget = Budget(min_retention=0.95)
     assert _next([fast, slow], budget, rows, task, 0.0, None) is slow  # none hopeful: the most retentive
     assert fast["status"].startswith("skipped: predicted retention 0.7")
@@ -132,24 +140,18 @@ def test_the_search_shifts_predictions_by_the_tasks_level_and_then_looks_for_fas
 def test_a_candidate_predicted_to_meet_the_budget_goes_before_a_faster_long_shot():
     from fscompile.search import _next
 
-    task = {"task": "text-classification", "labels": 2, "text_length": 20, "shots": 10}
-    fast = {"layers": 2, "layer_choice": "spaced", "steps_scale": 1.0, "prune": 0.4, "embedding_bits": 8,
-            "layer_fraction": 1 / 3, "latency_ms": 1.0, "size_mb": 10.0}
+    fast = QUICK
     slow = {**fast, "layers": 3, "layer_fraction": 0.5, "latency_ms": 2.0}
     winner = {**fast, "latency_ms": 3.0}
     budget = Budget(min_retention=0.95)
-
-    def rows(fast_kept: float, slow_kept: float) -> list[dict]:
-        return [{**task, "recipe": {k: c[k] for k in ("layer_fraction", "prune", "embedding_bits")}, "retention": r}
-                for c, r in ((fast, fast_kept), (slow, slow_kept))] * 3
-
     # fast a point short, slow predicted to meet it: slow first, whatever the state of the search
     for calibrated, won in ((False, None), (True, None), (True, winner)):
-        assert _next([dict(fast), dict(slow)], budget, rows(0.94, 0.97), task, 0.0, won, calibrated)["layers"] == 3
+        pick = _next([dict(fast), dict(slow)], budget, kept((fast, 0.94), (slow, 0.97)), TASK, 0.0, won, calibrated)
+        assert pick["layers"] == 3
     # both a point or two short: the fastest before any trial and once one met the budget; after a miss, the
     # most retentive (the likeliest to meet it at all)
     for calibrated, won, layers in ((False, None, 2), (True, winner, 2), (True, None, 3)):
-        pick = _next([dict(fast), dict(slow)], budget, rows(0.94, 0.95), task, 0.0, won, calibrated)
+        pick = _next([dict(fast), dict(slow)], budget, kept((fast, 0.94), (slow, 0.95)), TASK, 0.0, won, calibrated)
         assert pick["layers"] == layers and pick["predicted_retention"] < 0.95
 
 
