@@ -81,18 +81,12 @@ def default_latency(run: Path, times: int = 3) -> float:
 def side_by_side(a: Path, b: Path, seq_len: int = 128, rounds: int = 7) -> dict:
     """Batch-1 latency of two artifacts timed in turns in one process (same machine state), p50 each
     and the ratio b / a: what "as fast as the default" means when runs differ by 30%."""
-    import numpy as np
-
     from fscompile.backends.onnxruntime import OrtRunner
-    from fscompile.profile import latency, synthetic_inputs
+    from fscompile.profile import in_turns, synthetic_inputs
 
     runs = [OrtRunner(p / "model" / "model.onnx") for p in (a, b)]
     feeds = [synthetic_inputs(r.names, 1, seq_len, 30000) for r in runs]
-    times: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for i, (r, f) in enumerate(zip(runs, feeds)):
-            times[i].append(latency(lambda r=r, f=f: r(f), warmup=2, min_reps=20, budget_s=0.5)["p50_ms"])
-    p50 = [float(np.median(t)) for t in times]
+    p50 = in_turns([lambda r=r, f=f: r(f) for r, f in zip(runs, feeds)], rounds=rounds, budget_s=0.5 * rounds)
     return {"default_ms": p50[0], "pick_ms": p50[1], "ratio": p50[1] / p50[0]}
 
 

@@ -35,20 +35,32 @@ def _config(vocab_size: int, **kw):
                       intermediate_size=64, max_position_embeddings=160, **kw)
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory) -> Path:
-    """A tiny BertForSequenceClassification with labels negative/positive, random weights."""
+def _classifier(tmp_path_factory, name: str, seed: int, **kw) -> Path:
+    """A tiny BertForSequenceClassification with labels negative/positive and random weights, saved."""
     import torch
     from transformers import BertForSequenceClassification
 
-    path = tmp_path_factory.mktemp("tiny-teacher")
+    path = tmp_path_factory.mktemp(name)
     tok = _tokenizer(path)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = BertForSequenceClassification(_config(len(tok), num_labels=2, id2label={0: "negative", 1: "positive"},
-                                                  label2id={"negative": 0, "positive": 1}))
+                                                  label2id={"negative": 0, "positive": 1}, **kw))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A tiny classifier, random weights (it gives every row of the built-in dev set one class)."""
+    return _classifier(tmp_path_factory, "tiny-teacher", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_opinionated(tmp_path_factory) -> Path:
+    """A tiny classifier whose random weights are drawn wide enough (std 0.5, seed 1) that it splits the
+    built-in dev set 55 / 45: a student trained for a few steps cannot copy it."""
+    return _classifier(tmp_path_factory, "tiny-opinionated", 1, initializer_range=0.5)
 
 
 @pytest.fixture(scope="session")

@@ -57,3 +57,20 @@ def test_ray_path_on_local_instance(tiny_teacher, tmp_path):
                                   "--no-peers", "--ray", "--out", str(tmp_path), *FAST])
     assert r.exit_code == 0, r.output
     assert any(r["kind"] == "job-done" for r in load_results([tmp_path]))
+
+
+def test_models_timed_in_turns_each_get_their_own_figure():
+    import time
+
+    from fscompile.profile import in_turns
+
+    calls = []
+
+    def sleeper(name: str, s: float):
+        return lambda: (calls.append(name), time.sleep(s))
+
+    fast, slow = in_turns([sleeper("fast", 0.001), sleeper("slow", 0.004)], rounds=3, budget_s=0.03)
+    assert 0.9 < fast < slow and slow > 3.5  # ms
+    # in turns: each round runs one, then the other, never all of one first
+    switches = sum(a != b for a, b in zip(calls, calls[1:]))
+    assert switches == 5

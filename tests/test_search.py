@@ -155,6 +155,21 @@ def test_a_candidate_predicted_to_meet_the_budget_goes_before_a_faster_long_shot
         assert pick["layers"] == layers and pick["predicted_retention"] < 0.95
 
 
+def test_the_default_recipe_goes_first_when_its_shape_is_within_the_budget():
+    from fscompile.search import _next
+
+    fast = QUICK
+    plain = {**fast, "layers": 3, "layer_fraction": 0.5, "prune": 0.2, "latency_ms": 2.0, "default": True}
+    budget = Budget(min_retention=0.95)
+    # before any trial the default goes first, though slower and predicted short
+    rows = kept((fast, 0.97), (plain, 0.90))
+    assert _next([dict(fast), dict(plain)], budget, rows, TASK, 0.0, None)["default"]
+    # once a trial measured the task's level, the prediction decides again
+    assert not _next([dict(fast), dict(plain)], budget, rows, TASK, 0.0, None, calibrated=True).get("default")
+    # without a retention limit the fastest shape goes first
+    assert not _next([dict(fast), dict(plain)], Budget(max_latency_ms=3.0), rows, TASK, 0.0, None).get("default")
+
+
 def test_a_shape_that_measured_over_the_latency_drops_its_untried_variants():
     from fscompile.search import _drop_siblings
 
@@ -211,28 +226,30 @@ def test_a_peak_memory_budget_is_probed_before_training(tiny_teacher, tmp_path, 
     assert not out.exists() and memory.load() == []
 
 
-def test_a_budget_only_the_teacher_meets_picks_it(tiny_teacher, tmp_path, monkeypatch):
+def test_a_budget_only_the_teacher_meets_picks_it(tiny_opinionated, tmp_path, monkeypatch):
     monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     # no --steps: the derived count lets the search offer 2x steps too (the teacher itself trains none)
-    r = CliRunner().invoke(main, [str(tiny_teacher), "--out", str(out), "--target", "ort-fp32",
-                                  "--min-retention", "0.999", "--json", *FAST[2:]])
+    r = CliRunner().invoke(main, [str(tiny_opinionated), "--out", str(out), "--target", "ort-fp32",
+                                  "--min-retention", "0.99", "--json", *FAST[2:]])
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
-    assert m["search"]["winner"] == "4 layers, prune 0, 8-bit table" and m["search"]["trials"] == 1
+    # the default recipe first, as a plain compile; it misses, and the teacher is the only one left in reach
+    assert m["search"]["winner"] == "4 layers, prune 0, 8-bit table" and m["search"]["trials"] == 2
     assert m["student"]["layers_kept"] == [0, 1, 2, 3] and m["distillation"]["steps"] == 0
     search = json.loads((out / "search.json").read_text())
-    status = {(c["layers"], c["layer_choice"], c["prune"], c["embedding_bits"]): c["status"]
+    status = {(c["layers"], c["layer_choice"], c["prune"], c["embedding_bits"], c["steps_scale"]): c["status"]
               for c in search["candidates"]}
-    assert status[(4, "spaced", 0.0, 8)] == "meets the budget" and (4, "selected", 0.0, 8) not in status
-    assert status[(2, "selected", 0.2, 8)].startswith("skipped: predicted retention")
-    assert status[(2, "spaced", 0.2, 8)].startswith("skipped: predicted retention")
+    assert status[(4, "spaced", 0.0, 8, 1.0)] == "meets the budget" and (4, "selected", 0.0, 8, 1.0) not in status
+    assert status[(2, "spaced", 0.2, 8, 1.0)].startswith("trained, missed: retention")
+    assert status[(2, "selected", 0.2, 8, 1.0)].startswith("skipped: predicted retention")
+    assert status[(2, "spaced", 0.2, 8, 2.0)].startswith("skipped: predicted retention")
     scales = {(c["layers"], c["steps_scale"]) for c in search["candidates"]}
     assert (2, 2.0) in scales and (2, 1.0) in scales and (4, 2.0) not in scales  # the teacher is not trained
     assert "## Budget search" in (out / "report.md").read_text() and (out / "pareto.png").is_file()
     rows = memory.load()
-    assert len(rows) == 1 and rows[0]["recipe"]["layers"] == 4 and rows[0]["retention_estimate"] >= 0.999
-    assert rows[0]["recipe"]["layer_choice"] == "spaced"
+    assert [r["recipe"]["layers"] for r in rows] == [2, 4] and rows[1]["retention_estimate"] >= 0.99
+    assert rows[0]["recipe"]["layer_choice"] == "spaced" and rows[0]["retention_estimate"] < 0.99
     # the same search may write there again; another budget may not without --force
     from fscompile.errors import InputError
     from fscompile.outdir import check_out
