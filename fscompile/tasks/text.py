@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -225,7 +224,8 @@ def probe_shapes(cfg: CompileConfig, backend: Backend, candidates: Callable[[int
     data) and timed here. Weights do not change latency or size, so no distillation is needed.
     ``candidates(n)`` lists the (layers, prune, embedding bits) recipes for a teacher of ``n`` layers.
     With ``peak``, each shape is timed in a fresh process instead, as a build is profiled, which also
-    gives the serving process's peak memory (``peak_mb``; about 2 s more per shape).
+    gives the serving process's peak memory (``peak_mb``; about 2 s more per shape). Each shape's
+    artifact stays in ``work`` with its inputs (``probe``), for timing a trained build beside it.
     Returns the recipes, their figures, and the task's traits in the recipe memory's keys (with
     ``teacher_layers``)."""
     from ..profile import ProfileRequest, in_turns, profile_model, synthetic_inputs
@@ -250,20 +250,21 @@ def probe_shapes(cfg: CompileConfig, backend: Backend, candidates: Callable[[int
         except StageError as e:  # this shape does not build for the target: the search drops it, says why
             out.append({"latency_ms": math.inf, "size_mb": math.inf, "error": str(e)[:200]})
             continue
-        shape = {"size_mb": dir_mb(art.path, "*.onnx")}
+        # kept (on disk, with its inputs) so that a trial of this shape can be timed beside it (search._as_probed)
+        feed = synthetic_inputs(student.input_names, 1, cfg.seq_len, vocab)
+        shape = {"size_mb": dir_mb(art.path, "*.onnx"), "probe": (art, feed)}
         if peak:
             prof = profile_model(ProfileRequest("onnx", str(art.path / art.model_file), vocab, cfg.seq_len,
                                                 batches=(1,), budget_s=0.5))
             shape.update(latency_ms=prof["batch1"]["p50_ms"], peak_mb=prof["peak_rss_mb"])
-        else:  # loaded now (the session holds the model), timed below
-            run, feed = backend.load(art), synthetic_inputs(student.input_names, 1, cfg.seq_len, vocab)
-            runs[i] = (lambda run=run, feed=feed: run(feed))
+        else:  # loaded now, timed below
+            runs[i] = (lambda run=backend.load(art), feed=feed: run(feed))
         out.append(shape)
-        shutil.rmtree(work / f"probe-{i}", ignore_errors=True)
     if runs:  # every shape timed in turns, so that the ranking compares shapes, not minutes of a drifting host
         progress("probe shapes", len(recipes), len(recipes), f"timing {len(runs)} shapes in turns")
         for i, ms in zip(runs, in_turns(list(runs.values()), budget_s=0.5)):
             out[i]["latency_ms"] = ms
+        runs.clear()  # the sessions go; the files stay until the search's scratch directory does
     progress("probe shapes", len(recipes), len(recipes), "")
     traits = {"task": "text-classification", "teacher_type": teacher.info.get("model_type"),
               "teacher_parameters": teacher.num_parameters(), "labels": len(teacher.label_names),
