@@ -2,9 +2,9 @@
 training steps) for the smallest, fastest artifact that meets the user's limits.
 
     shape every candidate (latency, size, peak memory; no training) -> drop those over budget -> distil the
-    fastest one the recipe memory expects to keep enough accuracy -> check it -> next, until one
-    meets every limit; then faster ones still expected to meet it, until none is left or
-    ``max_trials`` distillations are spent
+    default recipe, or the fastest one the recipe memory expects to keep enough accuracy -> check it
+    (latency in its shape's frame) -> next, until one meets every limit; then faster ones still expected
+    to meet it, until none is left or ``max_trials`` distillations are spent
 
 The memory says how recipes compare on similar tasks; each trial says how this task's level
 differs from the memory's (measured minus predicted), and later predictions are shifted by it.
