@@ -6,7 +6,7 @@ import torch
 
 from .data import Example
 from .distill import Batcher, use_bf16
-from .evaluate import held_out_temperature, two_logits
+from .evaluate import held_out_temperature, linear_head
 from .models.text import MeanPoolClassifier, TextModel
 
 
@@ -87,9 +87,7 @@ def fit_head(teacher: TextModel, shots: list[Example], seed: int = 0) -> dict[st
         if acc > best_acc + 1e-9:
             best_c, best_acc = c, float(acc)
     clf = LogisticRegression(C=best_c, max_iter=2000).fit(x, y)
-    w, b = clf.coef_, clf.intercept_
-    if w.shape[0] == 1:
-        w, b = two_logits(w, 0), two_logits(b, 0)
+    w, b = linear_head(clf)
     # The head's probabilities are regularised, hence far too soft: on AG News (4 classes, 10 shots)
     # its mean top probability was 0.52 against 0.83 accuracy, so the label-free retention estimate
     # read the student's disagreements as nearly free. Calibrate them on the held-out folds' logits.

@@ -132,6 +132,13 @@ def two_logits(one: np.ndarray, axis: int) -> np.ndarray:
     return np.concatenate([-one / 2, one / 2], axis)
 
 
+def linear_head(clf) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and bias of a fitted sklearn linear classifier as a head of one logit per class: copied
+    as is, a binary model's one row would fill both logits alike."""
+    w, b = clf.coef_, clf.intercept_
+    return (two_logits(w, 0), two_logits(b, 0)) if w.shape[0] == 1 else (w, b)
+
+
 def torch_runner(model: TextModel):
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:
         with torch.inference_mode():

@@ -18,7 +18,7 @@ from ..calibration import CalibrationSet, from_views
 from ..config import CompileConfig, DistillConfig
 from ..data.images import ImageTaskData
 from ..distill import BestCheckpoint, DistillStats, kd_loss, set_seed
-from ..evaluate import held_out_temperature, metrics, two_logits
+from ..evaluate import held_out_temperature, linear_head, metrics
 from ..models.vision import ImageModel, final_linear
 from .base import Distilled, Progress, prepare, recovered, timed
 
@@ -158,9 +158,7 @@ def fit_image_head(teacher: ImageModel, task: ImageTaskData, seed: int, views: i
                                            groups=np.tile(np.arange(len(labels)), views), rows=slice(len(labels)))
     parent, attr, old = final_linear(teacher.module.net)
     head = torch.nn.Linear(old.in_features, task.num_labels)
-    w, b = clf.coef_, clf.intercept_
-    if w.shape[0] == 1:  # copied as is, sklearn's one binary row would fill both logits alike
-        w, b = two_logits(w, 0), two_logits(b, 0)
+    w, b = linear_head(clf)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(w).float())
         head.bias.copy_(torch.from_numpy(b).float())
