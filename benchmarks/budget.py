@@ -7,7 +7,7 @@ Phase 1, the memory: on every task, the fixed default recipe and the other fixed
 ``--recipes`` are compiled; each build lands in that task's recipe memory.
 Phase 2, the search: on each task in turn, fscompile searches under two budgets, each with a memory
 of the *other* tasks' rows only and with an empty memory (``--arms``):
-  default  what the default recipe met on this task: its latency (re-measured, +15%) and its
+  default  what the default recipe met on this task: its latency (re-measured, +15%: ``--latency-slack``) and its
            estimated retention (less ``--retention-slack``); the reference is the default build
   tight    what the smallest fixed recipe (the last of ``--recipes``) met: its size (+5%), latency
            (+15%) and estimated retention (less the slack), which the default recipe cannot meet; the
@@ -27,8 +27,9 @@ from pathlib import Path
 
 from common import REPO, SHARED, Results
 
-LATENCY_SLACK = 1.15
 SIZE_SLACK = 1.05
+# "as fast as the reference", side by side: picks that were the reference's own file measured 0.99-1.01x (runs 6-7)
+SAME_SPEED = 1.03
 
 TASKS = {  # name: (teacher, data)
     "sst2": (str(SHARED / "teachers/minilm-sst2"), str(SHARED / "data/glue_sst2")),
@@ -50,6 +51,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--retention-slack", type=float, default=0.005,
                    help="budget retention = the reference's estimate minus this: the same recipe's estimate moves "
                         "0.5-0.6 points between runs and layer choices here (0 in the first runs)")
+    p.add_argument("--latency-slack", type=float, default=1.15,
+                   help="budget latency = the reference re-measured times this; this VM's batch-1 latency moves by up "
+                        "to a third between minutes, so at 1.15 a miss can be the minute's (runs 5-8)")
     # QNLI's whole dev split (2,463 rows): on 1,000 rows, a 2-layer build's measured retention strays 1.9 points
     # by sampling alone, more than the 1.5 the estimate is judged by (runs 5-7 used 1,000)
     p.add_argument("--max-eval", type=int, default=2500)
@@ -134,11 +138,11 @@ def main() -> None:
             os.environ["FSCOMPILE_MEMORY"] = str(memory_file)
             rows_before = sum(1 for _ in memory_file.open())
             # the reference's own figures, latency re-measured now (median of 3 profiles, as a compile profiles)
-            # with 15% slack: the same artifact measured 2.07 and 2.71 ms in two runs here, so a budget at
+            # with slack: the same artifact measured 2.07 and 2.71 ms in two runs here, so a budget at
             # exactly one figure is a coin toss, not a test
             est = ref["retention_estimate"]
             ref_dir = out / "runs" / t / ref_name
-            budget = {"max_latency_ms": round(LATENCY_SLACK * default_latency(ref_dir), 2),
+            budget = {"max_latency_ms": round(args.latency_slack * default_latency(ref_dir), 2),
                       "min_retention": round(est - args.retention_slack, 3)}
             if tight:
                 budget["max_size_mb"] = round(SIZE_SLACK * ref["size_mb"], 1)
@@ -166,6 +170,11 @@ def main() -> None:
         lines.append(f"| {r['task']} | {r['kind']} | {len(r['layers'])} | {r['prune'] or 0:g} | {r['embedding_bits']} "
                      f"| {r['latency_ms']:.2f} | {r['size_mb']:.1f} | {r['retention']:.4f} | "
                      f"{r['retention_estimate']:.4f} | {trials} |")
+    searches = [r for r in results.rows if r["kind"].startswith("search")]
+    met = [r for r in searches if "failed" not in r]
+    good = [r for r in met if r["retention"] >= r["reference_retention"] and r["vs_reference"]["ratio"] <= SAME_SPEED]
+    lines += ["", f"{len(met)} of {len(searches)} budgets met within {args.max_trials} distillations; {len(good)} picks at "
+                  f"least as good as the reference on real retention and on latency side by side (<= {SAME_SPEED}x)"]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

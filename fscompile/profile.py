@@ -95,15 +95,20 @@ def latency(run: Callable[[], Any], warmup: int = 3, min_reps: int = 10, max_rep
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "reps": len(times)}
 
 
-def in_turns(runs: list[Callable[[], Any]], rounds: int = 5, budget_s: float = 0.5) -> list[float]:
-    """Batch p50 (ms) of each of ``runs``, timed in turns (``rounds`` passes over all, ``budget_s`` each
-    in all): on a shared VM whose speed drifts by a third within minutes, figures taken one after another
-    compare the minutes as much as the models; taken in turns, they see the same machine."""
+def per_turn(runs: list[Callable[[], Any]], rounds: int = 5, budget_s: float = 0.5) -> np.ndarray:
+    """Batch p50 (ms) of each of ``runs`` in each of ``rounds`` passes over all of them (``budget_s`` each
+    in all), as [run, round]: on a shared VM whose speed drifts by a third within minutes, figures taken
+    one after another compare the minutes as much as the models; taken in turns, they see the same machine."""
     per = [[] for _ in runs]
     for r in range(rounds):
         for run, times in zip(runs, per):
             times.append(latency(run, warmup=2 if r == 0 else 1, min_reps=3, budget_s=budget_s / rounds)["p50_ms"])
-    return [float(np.median(t)) for t in per]
+    return np.array(per)
+
+
+def in_turns(runs: list[Callable[[], Any]], rounds: int = 5, budget_s: float = 0.5) -> list[float]:
+    """Batch p50 (ms) of each of ``runs``, timed in turns (:func:`per_turn`): the median over the rounds."""
+    return [float(m) for m in np.median(per_turn(runs, rounds, budget_s), axis=1)]
 
 
 def synthetic_inputs(names: list[str], batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

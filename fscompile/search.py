@@ -174,16 +174,14 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
         report = {"fingerprint": fingerprint, "budget": budget.limits(), "teacher_layers": n, "trials": trials, "max_trials": max_trials,
                   "seconds": round(time.perf_counter() - start, 1), "candidates": cands,
                   "winner": _label(winner) if winner else None}
-        for c in cands:  # the probes go with the scratch directory; the winner's files are copied below
+        winner_dir = winner["dir"] if winner else None
+        for c in cands:  # probes and trial directories go with the scratch directory; the winner's is copied below
             c.pop("probe", None)
-        if winner is None:
-            for c in cands:
-                c.pop("dir", None)
+            c.pop("dir", None)
+        if winner_dir is None:
             raise BudgetUnmet(_unmet(cands, budget, trials), report)
         with staged(out) as stage:
-            shutil.copytree(winner["dir"], stage, dirs_exist_ok=True)
-            for c in cands:
-                c.pop("dir", None)
+            shutil.copytree(winner_dir, stage, dirs_exist_ok=True)
             manifest = _with_search(stage, report)
             pareto(cands, stage / "pareto.png")
     manifest["out_dir"] = str(out.resolve())
