@@ -57,7 +57,10 @@ def metrics(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None
 # a head fitted here on the shots is calibrated on them instead (fit_temperature). On 9 builds (SST-2 and
 # AG News, 2-3 layers; benchmarks/results/README.md, "Compile to a budget"), the estimate's mean error at
 # T = 1 / 1.5 / 2 / 3 was -0.5 / +0.2 / +0.7 / +1.4 points, within 1.5 points on 78% / 89% / 100% / 44% of
-# them (in-sample, two tasks). Refit: `python benchmarks/retention.py FILES`.
+# them (in-sample, two tasks). Refit: `python benchmarks/retention.py FILES`. Not fitted on the shots: a teacher
+# fine-tuned on the pairs they are drawn from is over-confident on them (QNLI: 1.10 over 30 shot draws, 1.50 on
+# the labelled dev split), and the estimate then missed by 1.5+ points on 93-100% of draws; even at 1.50 it
+# underestimated every QNLI build, by up to 5.4 points (benchmarks/retention_temperature.py).
 RETENTION_TEMPERATURE = 2.0
 
 
