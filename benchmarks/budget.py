@@ -10,7 +10,7 @@ of the *other* tasks' rows only and with an empty memory (``--arms``):
   default  what the default recipe met on this task: its latency (re-measured, +15%: ``--latency-slack``) and its
            estimated retention (less ``--retention-slack``); the reference is the default build
   tight    what the smallest fixed recipe (the last of ``--recipes``) met: its size (+5%), latency
-           (+15%) and estimated retention (less the slack), which the default recipe cannot meet; the
+           (the same slack) and estimated retention (less the slack), which the default recipe cannot meet; the
            reference is that fixed build
 Reported: distillations spent, the pick's latency (timed side by side with the reference) and real
 retention against the reference's, and how the label-free retention estimate tracked real
