@@ -9,7 +9,16 @@ from click.testing import CliRunner
 from fscompile import memory
 from fscompile.budget import Budget
 from fscompile.cli import main
-from fscompile.evaluate import fit_temperature, retention_estimate, retention_sampling_sd
+from fscompile.evaluate import (
+    RETENTION_TEMPERATURE,
+    dropout_probabilities,
+    fit_temperature,
+    predict,
+    retention_estimate,
+    retention_sampling_sd,
+    softened,
+    torch_runner,
+)
 
 FAST = ["--steps", "4", "--augment", "2", "--batch-size", "4", "--profile-seconds", "0.05", "--seq-len", "16",
         "--generator", "none", "--shots", "3"]
@@ -26,13 +35,36 @@ def test_budget_names_what_fails():
 
 
 def test_retention_estimate_weighs_disagreements_by_the_teachers_confidence():
-    sure = np.log(np.array([[0.99, 0.01]] * 10))
-    unsure = np.log(np.array([[0.55, 0.45]] * 10))
+    sure = np.array([[0.99, 0.01]] * 10)
+    unsure = np.array([[0.55, 0.45]] * 10)
     agree, one_off = np.zeros(10, dtype=int), np.array([1] + [0] * 9)
-    assert retention_estimate(sure, agree, 1.0) == pytest.approx(1.0)
-    assert retention_estimate(sure, one_off, 1.0) == pytest.approx(0.9 + 0.1 * 0.01 / 0.99)  # a whole point lost
-    assert retention_estimate(unsure, one_off, 1.0) == pytest.approx(0.9 + 0.1 * 0.45 / 0.55)  # most of it kept
-    assert retention_estimate(sure, one_off) > retention_estimate(sure, one_off, 1.0)  # softened by default
+    assert retention_estimate(sure, agree) == pytest.approx(1.0)
+    assert retention_estimate(sure, one_off) == pytest.approx(0.9 + 0.1 * 0.01 / 0.99)  # a whole point lost
+    assert retention_estimate(unsure, one_off) == pytest.approx(0.9 + 0.1 * 0.45 / 0.55)  # most of it kept
+    assert retention_estimate(softened(np.log(sure)), one_off) > retention_estimate(sure, one_off)  # softened
+    # the teacher's own answers, where given, are what it is credited with, not its top probability
+    assert retention_estimate(unsure, agree, np.ones(10, dtype=int)) == pytest.approx(1.0)
+
+
+def test_the_teacher_is_read_with_its_dropout_on_seeded_and_left_as_it_was(tiny_opinionated):
+    import torch
+
+    from fscompile.data import Example
+    from fscompile.models.text import load_teacher
+
+    teacher = load_teacher(str(tiny_opinionated))
+    rows = [Example(text, 0) for text in ("a good film", "a dull plot", "great acting", "not worth it", "fine")] * 4
+    logits = predict(torch_runner(teacher), teacher.tokenizer, teacher.input_names, rows)
+    state = torch.random.get_rng_state()
+    p = dropout_probabilities(teacher, rows, logits)
+    assert not teacher.module.training and torch.equal(torch.random.get_rng_state(), state)
+    assert np.allclose(p.sum(-1), 1) and not np.allclose(p, softened(logits, 1.0), atol=1e-3)  # dropout moved it
+    assert np.array_equal(p, dropout_probabilities(teacher, rows, logits))  # the same every time
+    for m in teacher.module.modules():  # a teacher without dropout: its logits softened instead
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    assert np.allclose(dropout_probabilities(teacher, rows, logits), softened(logits, RETENTION_TEMPERATURE))
+    assert np.allclose(dropout_probabilities(teacher, rows, logits, temperature=0.5), softened(logits, 0.5))
 
 
 @pytest.mark.parametrize("truth", [0.5, 2.0])
@@ -55,9 +87,10 @@ def test_the_estimates_sampling_spread_shrinks_with_rows_and_vanishes_on_agreeme
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 2, (4000, 2))
     pred = np.where(rng.random(4000) < 0.2, 1 - logits.argmax(-1), logits.argmax(-1))  # 80% agreement
-    small, large = retention_sampling_sd(logits[:250], pred[:250]), retention_sampling_sd(logits, pred)
+    p = softened(logits)
+    small, large = retention_sampling_sd(p[:250], pred[:250]), retention_sampling_sd(p, pred)
     assert 0 < large < small and small / large == pytest.approx(4, rel=0.35)  # ~ 1 / sqrt(rows)
-    assert retention_sampling_sd(logits, logits.argmax(-1)) == 0.0
+    assert retention_sampling_sd(p, logits.argmax(-1)) == 0.0
 
 
 def _writer(path: str, k: int, n: int) -> None:

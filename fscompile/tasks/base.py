@@ -45,6 +45,8 @@ class Distilled:
     timings: dict[str, float]
     checkpoint: Path | None = None
     sources: dict[str, Any] | None = None  # what the student learnt from (counts per origin, generator)
+    # (max_length, the teacher's probabilities on the evaluation rows), once a text task has read them
+    estimate_probabilities: tuple[int, Any] | None = None
 
     @property
     def teacher_temperature(self) -> float | None:

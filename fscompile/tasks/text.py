@@ -25,7 +25,7 @@ from ..checkpoint import checkpoint_dir, resume_or_distill
 from ..config import CompileConfig, DistillConfig
 from ..data import Example, TaskData, load_task_data, load_unlabeled
 from ..distill import POOL_LR, DistillStats, distill, set_seed
-from ..evaluate import evaluate_all, metrics, predict, real_seq_len, torch_runner
+from ..evaluate import dropout_probabilities, evaluate_all, metrics, predict, real_seq_len, torch_runner
 from ..errors import StageError
 from ..outdir import dir_mb
 from ..generate import Generated, balance, cached_generate, default_count, resolve_generator
@@ -312,6 +312,16 @@ def distill_stage(cfg: CompileConfig, backend: Backend | None, progress: Progres
                      learnt_from)
 
 
+def estimate_probabilities(d: Distilled, teacher_logits: np.ndarray, max_length: int = 128) -> np.ndarray:
+    """The teacher's probabilities on the evaluation rows for the label-free retention estimate
+    (:func:`~fscompile.evaluate.dropout_probabilities`), computed once per distillation: every target and
+    peer is scored against the same teacher on the same rows."""
+    if d.estimate_probabilities is None or d.estimate_probabilities[0] != max_length:
+        d.estimate_probabilities = (max_length, dropout_probabilities(d.teacher, d.task.eval, teacher_logits, max_length,
+                                                                      d.teacher_temperature))
+    return d.estimate_probabilities[1]
+
+
 class TextClassificationTask:
     """The text-classification adapter: the stages above."""
 
@@ -336,7 +346,9 @@ class TextClassificationTask:
         return probe_shapes(cfg, backend, candidates, work, progress, peak)
 
     def evaluate(self, d: Distilled, runner: Any, cfg: CompileConfig) -> dict[str, Any]:
-        return evaluate_all(d.task, d.teacher, d.student, runner, cfg.distill.max_length, d.teacher_temperature)
+        n = cfg.distill.max_length
+        t_logits = self.predictions(d, None, d.teacher, n)
+        return evaluate_all(d.task, t_logits, estimate_probabilities(d, t_logits, n), d.student, runner, n)
 
     def input_size(self, d: Distilled, cfg: CompileConfig) -> tuple[int, int, int | None]:
         return d.teacher.tokenizer.vocab_size, cfg.seq_len, real_seq_len(d.task, d.student, cfg.distill.max_length)
@@ -346,4 +358,5 @@ class TextClassificationTask:
         return predict(runner or torch_runner(model), model.tokenizer, model.input_names, d.task.eval, max_length)
 
     def score(self, d: Distilled, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-        return metrics(preds, np.array([e.label for e in d.task.eval]), reference, d.teacher_temperature)
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference,
+                       estimate_probabilities(d, reference))

@@ -18,7 +18,7 @@ from ..calibration import CalibrationSet, from_views
 from ..config import CompileConfig, DistillConfig
 from ..data.images import ImageTaskData
 from ..distill import BestCheckpoint, DistillStats, kd_loss, set_seed
-from ..evaluate import held_out_temperature, linear_head, metrics
+from ..evaluate import held_out_temperature, linear_head, metrics, softened
 from ..models.vision import ImageModel, final_linear
 from .base import Distilled, Progress, prepare, recovered, timed
 
@@ -281,10 +281,10 @@ def evaluate_images(task: ImageTaskData, teacher: ImageModel, student: ImageMode
     """Accuracy, macro-F1, agreement with the teacher and estimated retention on the evaluation images."""
     labels = np.array([e.label for e in task.eval])
     t_logits = predict_images(torch_image_runner(teacher), teacher, task.eval)
-    return {"teacher": metrics(t_logits, labels, t_logits, temperature),
-            "student": metrics(predict_images(torch_image_runner(student), student, task.eval), labels, t_logits,
-                               temperature),
-            "artifact": metrics(predict_images(artifact_runner, student, task.eval), labels, t_logits, temperature)}
+    p = softened(t_logits, temperature)
+    return {"teacher": metrics(t_logits, labels, t_logits, p),
+            "student": metrics(predict_images(torch_image_runner(student), student, task.eval), labels, t_logits, p),
+            "artifact": metrics(predict_images(artifact_runner, student, task.eval), labels, t_logits, p)}
 
 
 class ImageClassificationTask:
@@ -341,7 +341,8 @@ class ImageClassificationTask:
         return predict_images(runner or torch_image_runner(model), model, d.task.eval)
 
     def score(self, d: Any, preds: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-        return metrics(preds, np.array([e.label for e in d.task.eval]), reference, d.teacher_temperature)
+        return metrics(preds, np.array([e.label for e in d.task.eval]), reference,
+                       softened(reference, d.teacher_temperature))
 
 
 def native_size(task: ImageTaskData) -> int:
