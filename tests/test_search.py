@@ -219,6 +219,35 @@ def test_a_shape_that_measured_over_the_latency_drops_its_untried_variants():
     assert feasible == [other]
 
 
+def test_a_narrow_miss_on_retention_alone_tries_the_shapes_other_layer_choice_next():
+    from fscompile.search import _twin
+
+    shape = {"layers": 2, "prune": 0.4, "embedding_bits": 4, "steps_scale": 2.0, "latency_ms": 2.4, "size_mb": 8.6}
+    tried = {**shape, "layer_choice": "spaced", "trial": 1,
+             "measured": {"latency_ms": 2.35, "size_mb": 8.6, "peak_mb": None, "retention": 0.965}}
+    twin = {**shape, "layer_choice": "selected"}
+    shorter = {**twin, "steps_scale": 1.0}
+    budget = Budget(max_latency_ms=2.5, max_size_mb=9.6, min_retention=0.976)
+    assert _twin([shorter, twin], tried, budget) is twin and twin["twin_of"] == 1  # same steps, other layers
+    assert _twin([shorter], tried, budget) is None
+    # a miss wider than what the layer choice moves, a miss on another limit too, or no miss: the memory decides
+    for m in ({"retention": 0.90}, {"latency_ms": 2.6}, {"retention": 0.98}):
+        assert _twin([dict(twin)], {**tried, "measured": {**tried["measured"], **m}}, budget) is None
+
+
+def test_with_none_expected_to_meet_it_a_shape_timed_within_the_latency_limit_goes_first():
+    from fscompile.search import _next
+
+    fast = QUICK
+    slow = {**fast, "layers": 3, "layer_fraction": 0.5, "latency_ms": 2.6}  # over a 2.5 ms limit by less than LATENCY_SLACK
+    rows = kept((fast, 0.90), (slow, 0.93))
+    # both far short: the more retentive is slower than the limit, so the one timed within it goes first
+    assert _next([dict(fast), dict(slow)], Budget(max_latency_ms=2.5, min_retention=0.99), rows, TASK, 0.0, None)[
+        "layers"] == 2
+    assert _next([dict(fast), dict(slow)], Budget(max_latency_ms=2.7, min_retention=0.99), rows, TASK, 0.0, None)[
+        "layers"] == 3
+
+
 def test_a_budget_no_recipe_meets_fails_before_training(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("FSCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
