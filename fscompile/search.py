@@ -142,7 +142,7 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             c["status"] = f"dropped before training: {'; '.join(over)}" if over else "feasible"
         feasible = sorted((c for c in cands if c["status"] == "feasible"),
                           key=lambda c: (c["latency_ms"], c["size_mb"]))
-        winner, trials, residuals, twin = None, 0, [], None
+        winner, trials, residuals, twin, readings = None, 0, [], None, {}
         while feasible and trials < max_trials:
             # this task's level against the memory's (measured minus predicted, over its trials so far):
             # the memory knows how recipes compare, the task's own trials how hard the task is
@@ -164,8 +164,10 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             progress("search", trials, max_trials, f"trial {trials}: {_label(pick)}{why}")
             trial_dir = work / f"trial-{trials}"
             trial_dir.mkdir()
-            manifest = build(distill_stage(rcfg, backend, progress), backend, rcfg, trial_dir, progress,
-                             time.perf_counter())
+            d = distill_stage(rcfg, backend, progress)
+            # every trial adapts the same teacher alike (seeded) and evaluates on the same rows: read it once
+            d.teacher_readings = readings
+            manifest = build(d, backend, rcfg, trial_dir, progress, time.perf_counter())
             pick.update(measured=figures(manifest), trial=trials, dir=str(trial_dir))
             if budget.max_latency_ms is not None:
                 pick["measured"].update(_as_probed(backend, pick, trial_dir, manifest))

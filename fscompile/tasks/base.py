@@ -45,8 +45,9 @@ class Distilled:
     timings: dict[str, float]
     checkpoint: Path | None = None
     sources: dict[str, Any] | None = None  # what the student learnt from (counts per origin, generator)
-    # (max_length, the teacher's probabilities on the evaluation rows), once a text task has read them
-    estimate_probabilities: tuple[int, Any] | None = None
+    # what a text task read of the teacher on the evaluation rows, by (reading, max_length): one teacher, one
+    # set of rows for every target, fallback variant and peer of a distillation, and every trial of a search
+    teacher_readings: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)
 
     @property
     def teacher_temperature(self) -> float | None:
