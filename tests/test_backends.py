@@ -114,11 +114,16 @@ def test_four_bit_embeddings_shrink_the_table_and_keep_outputs(student, tmp_path
     a8 = backend.compile(student, cal, tmp_path / "e8", Recipe(calibration="minmax"))
     a4 = backend.compile(student, cal, tmp_path / "e4", Recipe(calibration="minmax", embedding_bits=4))
     graph = onnx.load(str(a4.path / "model.onnx")).graph
-    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+    # the word table only, the one prepare rounds for training: positions and token types stay as in 8-bit builds
+    quantized = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(quantized) == 1 and "word_embeddings" in quantized[0].input[0], [n.input[0] for n in quantized]
     assert a4.info["embedding_bits"] == 4
-    table = student.module.base.get_input_embeddings().weight
-    # the table's bytes roughly halve (4 vs 8 bits, plus block scales/zero points)
-    assert a8.info["size_mb"] - a4.info["size_mb"] > 0.3 * table.numel() / 2**20
+    # the table's bytes roughly halve (4 vs 8 bits, plus block scales and zero points: 0.64x at this tiny width)
+    def table_bytes(artifact) -> int:
+        inits = onnx.load(str(artifact.path / "model.onnx")).graph.initializer
+        return sum(len(i.raw_data) for i in inits if "word_embeddings.weight" in i.name)
+
+    assert table_bytes(a4) < 0.7 * table_bytes(a8) and a4.info["size_mb"] < a8.info["size_mb"]
     r8, r4 = OrtRunner(a8.path / "model.onnx"), OrtRunner(a4.path / "model.onnx")
     for batch in cal.validate:
         assert np.abs(r8(batch) - r4(batch)).max() < 0.5
