@@ -1,7 +1,7 @@
 """How steady is the ratio of two artifacts' latencies timed in turns? (issue 20: a trained build is
 checked in its shape's frame, ``fscompile.search._as_probed``.) Times ``A`` against ``B`` ``--times``
-times, interleaved so the statistics see the same minutes: the ratio of the two medians over 5 rounds (as
-``profile.in_turns`` was until run 10), of the two minima over the same rounds (as it is since: noise on a shared
+times, interleaved so the statistics see the same minutes: the ratio of the two medians over 5 rounds
+(``profile.in_turns``, as the search checks a build), of the two minima over the same rounds (noise on a shared
 host only adds time), and the median of the per-round ratios over 10 rounds (paired, so drift between rounds
 would cancel). Two artifacts of the same shape should measure 1.0x.
 
