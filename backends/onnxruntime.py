@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..calibration import SELECTION, CalibrationSet, ReaderFromBatches, choose, methods
+from ..calibration import SELECTION, CalibrationSet, ReaderFromBatches, choose, methods, retention_change
 from ..errors import StageError
 from ..models.text import TextModel
 from ..profile import cpu_info, latency, physical_cores
@@ -399,6 +399,7 @@ class OrtInt8Backend(_OrtBackend):
         is recorded in ``errors`` and left out, as one that failed to build."""
         ref = OrtRunner(reference)
         ref_pred = [decisions(ref(b)) for b in calibration.validate]
+        probs = calibration.validate_probabilities
         table: dict[str, dict[str, float]] = {}
         for name, path in candidates.items():
             try:
@@ -406,12 +407,17 @@ class OrtInt8Backend(_OrtBackend):
             except Exception as e:  # an invalid graph from a quantizer: the others may still serve
                 errors[name] = f"does not load: {str(e).splitlines()[0][:200]}"
                 continue
-            agree = np.concatenate([(decisions(run(b)) == r).reshape(-1) for b, r in zip(calibration.validate, ref_pred)])
+            pred = [decisions(run(b)) for b in calibration.validate]
+            agree = np.concatenate([(p == r).reshape(-1) for p, r in zip(pred, ref_pred)])
+            judged = {}
+            if probs is not None:  # what the teacher says the disagreements cost
+                change, se = retention_change(np.concatenate(probs), np.concatenate(pred), np.concatenate(ref_pred))
+                judged = {"retention_change": change, "retention_change_se": se}
             # a real validation row repeated to the profiling length: valid ids for any vocabulary
             probe = {k: np.resize(v[:1], (1, seq_len)) if v.ndim == 2 else v[:1]  # images keep their shape
                      for k, v in calibration.validate[0].items()}
             lat = latency(lambda: run(probe), warmup=2, min_reps=10, max_reps=60, budget_s=1.0)
-            table[name] = {"agreement": float(agree.mean()), "b1_p50_ms": lat["p50_ms"],
+            table[name] = {"agreement": float(agree.mean()), **judged, "b1_p50_ms": lat["p50_ms"],
                            "size_mb": onnx_size_mb(path)}
         if not table:
             raise StageError(f"INT8 quantization failed: {errors}")

@@ -2,8 +2,9 @@
 the ``auto`` choice of method and INT8 variant (:mod:`.choice`)."""
 from __future__ import annotations
 
-from .choice import AGREEMENT_TIE, SELECTION, choose, methods
+from .choice import AGREEMENT_TIE, RETENTION_TIE, SELECTION, choose, methods, retention_change
 from .sets import (
+    BATCH,
     Batches,
     CalibrationSet,
     ReaderFromBatches,
@@ -13,5 +14,5 @@ from .sets import (
     split,
 )
 
-__all__ = ["AGREEMENT_TIE", "SELECTION", "Batches", "CalibrationSet", "ReaderFromBatches", "batches_from_encodings",
-           "choose", "from_transfer", "from_views", "methods", "split"]
+__all__ = ["AGREEMENT_TIE", "BATCH", "RETENTION_TIE", "SELECTION", "Batches", "CalibrationSet", "ReaderFromBatches", "batches_from_encodings",
+           "choose", "from_transfer", "from_views", "methods", "retention_change", "split"]

@@ -18,11 +18,14 @@ class CalibrationSet:
     """Batches of model inputs (token ids, or pixels) for calibrating and for choosing variants.
 
     ``calibrate`` feeds the quantizer; ``validate`` is held out from it and is what the
-    backend compares variants on, against the fp32 model's own outputs.
+    backend compares variants on, against the fp32 model's own outputs. ``validate_probabilities``
+    (text classification): the teacher's class probabilities on each ``validate`` batch, row for row,
+    so that a variant is judged by the retention it is estimated to lose, not by bare agreement.
     """
 
     calibrate: Batches
     validate: Batches
+    validate_probabilities: list[np.ndarray] | None = None
 
     @property
     def num_calibration_samples(self) -> int:
@@ -64,8 +67,11 @@ def from_views(views: Callable[[int, int], np.ndarray], seed: int, *, n_calibrat
                           validate=batches(views(n_validate, seed + 7919)))
 
 
+BATCH = 8  # rows per calibration and validation batch
+
+
 def batches_from_encodings(enc: dict[str, list[list[int]]], names: list[str], pad_id: int,
-                           batch_size: int = 8) -> Batches:
+                           batch_size: int = BATCH) -> Batches:
     """Pad pre-tokenised rows into batches of one common width: histogram calibrators
     (entropy, percentile) stack activations across batches and need equal shapes."""
     width = max(len(x) for x in enc["input_ids"])

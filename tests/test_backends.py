@@ -31,6 +31,36 @@ def test_choice_prefers_the_smallest_as_accurate_variant():
     assert choose(table, 100000, (None, 4.0)) == "int4" and choose(table, 100000, (1.0, None)) == "int4"
 
 
+def test_choice_judges_variants_by_the_retention_the_teacher_says_they_lose():
+    """Where the teacher's probabilities are known, a variant that flips only rows the teacher hesitated on
+    is as accurate as the fp32 student, whatever its bare agreement; one that flips rows it was sure of is not."""
+    from fscompile.calibration import retention_change
+
+    probs = np.full((256, 2), 0.5)
+    probs[:, 0] = np.linspace(0.98, 0.52, 256)  # the teacher favours class 0 everywhere, the last rows barely
+    probs[:, 1] = 1 - probs[:, 0]
+    ref = np.zeros(256, dtype=int)  # the fp32 student answers as the teacher does
+    hesitant, sure = ref.copy(), ref.copy()
+    hesitant[-5:] = 1  # 5 flips (agreement 0.980) where the teacher said 0.52-0.53
+    sure[:2] = 1  # 2 flips (agreement 0.992) where it said 0.98
+    change_h, se_h = retention_change(probs, hesitant, ref)
+    change_s, se_s = retention_change(probs, sure, ref)
+    assert -0.005 < change_h < 0 and change_s < -0.005 and se_h < se_s
+    table = {"static": {"agreement": 0.996, "retention_change": 0.0005, "retention_change_se": 0.0005,
+                        "b1_p50_ms": 6.9, "size_mb": 54.7},
+             "dynamic": {"agreement": 0.980, "retention_change": change_h, "retention_change_se": se_h,
+                         "b1_p50_ms": 4.7, "size_mb": 16.0}}
+    assert choose(table, 256) == "dynamic"  # the agreement rule would keep static: 0.980 < 0.996 - 2 SE
+    assert choose({k: {kk: vv for kk, vv in v.items() if not kk.startswith("retention")}
+                   for k, v in table.items()}, 256) == "static"
+    table["dynamic"].update(retention_change=-0.035, retention_change_se=0.005)
+    assert choose(table, 256) == "static"  # 3.5 points lost, beyond two standard errors
+    table["static"].update(retention_change=-0.02, retention_change_se=0.004)
+    assert choose(table, 256) == "static"  # none within: the nearest to the fp32 student
+    table["static"]["retention_change"] = -0.027
+    assert choose(table, 256) == "dynamic"  # ... within the margin of the best, the smaller one
+
+
 def test_builtin_targets_are_entry_points():
     assert {"ort-fp32", "ort-int8"} <= set(registered())
     ok, why = get_backend("ort-int8").available()
@@ -171,6 +201,29 @@ def test_variants_are_compared_on_generated_text_where_there_is_some(student):
     assert validated <= {tuple(student.tokenizer(t)["input_ids"]) for t in gen}
     assert cal.num_calibration_samples == 16
     assert n_aug < 80 + n_aug == len(with_gen)
+
+
+def test_validation_rows_carry_the_teachers_probabilities_row_for_row(tiny_opinionated, student):
+    """The variants are judged on the teacher's probabilities of the very rows each validation batch holds
+    (the batches are sorted by length, so an order slip would pair a row with another row's reading)."""
+    from fscompile.augment import TransferSet
+    from fscompile.evaluate import softened, torch_runner
+
+    teacher = load_teacher(str(tiny_opinionated))  # wide weights: its readings differ from row to row
+    for m in teacher.module.modules():  # without dropout its reading is its softmax: comparable per batch
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ts = build_transfer_set(SHOTS, per_shot=10, seed=0, mask_token="[MASK]")
+    gen = [" ".join(["word"] * (1 + i % 9)) + f" film {i}" for i in range(80)]  # lengths that reorder
+    with_gen = TransferSet(ts.texts + gen, None, ts.origin + ["generated"] * 80)
+    for data in (ts, with_gen):
+        cal = calibration_set(student, data, CompileConfig(), n_calibrate=16, n_validate=64, teacher=teacher,
+                              temperature=1.0)
+        assert [len(p) for p in cal.validate_probabilities] == [len(b["input_ids"]) for b in cal.validate]
+        run = torch_runner(teacher)
+        assert np.ptp(np.concatenate(cal.validate_probabilities)[:, 0]) > 0.05  # a slip would show
+        for batch, probs in zip(cal.validate, cal.validate_probabilities):
+            np.testing.assert_allclose(probs, softened(np.asarray(run(batch)), 1.0), atol=1e-4)
 
 
 def test_four_bit_table_keeps_a_graph_with_opset_17_reductions_valid(tmp_path):

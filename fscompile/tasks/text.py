@@ -20,10 +20,11 @@ from ..augment import (
     vocabulary_words,
 )
 from ..backends import Backend
-from ..calibration import Batches, CalibrationSet, batches_from_encodings, from_transfer, split
+from ..calibration import BATCH, Batches, CalibrationSet, batches_from_encodings, split
 from ..checkpoint import checkpoint_dir, resume_or_distill
 from ..config import CompileConfig, DistillConfig
 from ..data import Example, TaskData, load_task_data, load_unlabeled
+from ..data.batching import length_sorted_batches
 from ..distill import POOL_LR, DistillStats, distill, set_seed
 from ..evaluate import dropout_probabilities, evaluate_all, metrics, predict, real_seq_len, torch_runner
 from ..errors import StageError
@@ -181,16 +182,20 @@ def validation_set(task: TaskData, teacher: TextModel, cfg: CompileConfig, size:
 
 
 def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfig,
-                    n_calibrate: int = 256, n_validate: int = 256) -> CalibrationSet:
+                    n_calibrate: int = 256, n_validate: int = 256, teacher: TextModel | None = None,
+                    temperature: float | None = None) -> CalibrationSet:
     """Calibrate on the shots plus augmented variants; other items validate (``calibration.split``).
     Where the transfer set holds generated or unlabelled text, half of it (at most ``n_validate``)
     validates instead: the INT8 variants are compared on text like the real inputs, not on
-    augmented shots, where every variant agrees near 99%."""
-    def batches(idx: list[int]) -> Batches:
+    augmented shots, where every variant agrees near 99%. With ``teacher``, its probabilities on the
+    validation rows come too, read as the label-free retention estimate reads them (at ``temperature``)."""
+    def encode(idx: list[int]) -> dict[str, list[list[int]]]:
         texts = [transfer.texts[i] for i in idx]
         pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
-        enc = student.tokenizer(texts, pairs, truncation=True, max_length=cfg.distill.max_length)
-        return batches_from_encodings(enc, student.input_names, student.tokenizer.pad_token_id or 0)
+        return student.tokenizer(texts, pairs, truncation=True, max_length=cfg.distill.max_length)
+
+    def batches(idx: list[int]) -> Batches:
+        return batches_from_encodings(encode(idx), student.input_names, student.tokenizer.pad_token_id or 0)
 
     shots = transfer.origin.count("shot")
     real = [i for i, o in enumerate(transfer.origin) if o in ("generated", "unlabeled")]
@@ -199,9 +204,19 @@ def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfi
         held = set(val.tolist())
         rest = [i for i in range(len(transfer)) if i not in held]  # the shots stay first
         cal, _ = split(len(rest), cfg.seed, shots=shots, n_calibrate=n_calibrate, n_validate=0)
-        return CalibrationSet(calibrate=batches([rest[i] for i in cal]), validate=batches(sorted(held)))
-    return from_transfer(len(transfer), batches, cfg.seed, shots=shots, n_calibrate=n_calibrate,
-                         n_validate=n_validate)
+        out = CalibrationSet(calibrate=batches([rest[i] for i in cal]), validate=batches(sorted(held)))
+        val_idx = sorted(held)
+    else:
+        cal, val_idx = split(len(transfer), cfg.seed, shots=shots, n_calibrate=n_calibrate, n_validate=n_validate)
+        out = CalibrationSet(calibrate=batches(cal), validate=batches(val_idx))
+    if teacher is not None:
+        rows = [Example(transfer.texts[i], 0, transfer.pairs[i] if transfer.pairs is not None else None)
+                for i in val_idx]
+        logits = predict(torch_runner(teacher), teacher.tokenizer, teacher.input_names, rows, cfg.distill.max_length)
+        probs = dropout_probabilities(teacher, rows, logits, cfg.distill.max_length, temperature)
+        # row for row with the validation batches, which batches_from_encodings sorted by length
+        out.validate_probabilities = [probs[g] for g in length_sorted_batches(encode(val_idx), BATCH)]
+    return out
 
 
 def is_teacher(keep: list[int], n: int, cfg: CompileConfig) -> bool:
@@ -354,7 +369,7 @@ class TextClassificationTask:
                          lambda student, dcfg: distill(d.teacher, student, d.transfer, d.keep, dcfg, cfg.seed))
 
     def calibration(self, d: Distilled, cfg: CompileConfig) -> CalibrationSet:
-        return calibration_set(d.student, d.transfer, cfg)
+        return calibration_set(d.student, d.transfer, cfg, teacher=d.teacher, temperature=d.teacher_temperature)
 
     def probe_shapes(self, cfg: CompileConfig, backend: Backend,
                      candidates: Callable[[int], list[tuple[int, float, int]]], work: Path,
