@@ -399,7 +399,7 @@ class OrtInt8Backend(_OrtBackend):
         is recorded in ``errors`` and left out, as one that failed to build."""
         ref = OrtRunner(reference)
         ref_pred = [decisions(ref(b)) for b in calibration.validate]
-        probs = calibration.validate_probabilities
+        probs = calibration.validate_probabilities if len(candidates) > 1 else None  # nothing to choose
         table: dict[str, dict[str, float]] = {}
         for name, path in candidates.items():
             try:

@@ -3,7 +3,8 @@ quantizer, a disjoint part is what the backend compares its INT8 variants on."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
@@ -18,14 +19,19 @@ class CalibrationSet:
     """Batches of model inputs (token ids, or pixels) for calibrating and for choosing variants.
 
     ``calibrate`` feeds the quantizer; ``validate`` is held out from it and is what the
-    backend compares variants on, against the fp32 model's own outputs. ``validate_probabilities``
-    (text classification): the teacher's class probabilities on each ``validate`` batch, row for row,
-    so that a variant is judged by the retention it is estimated to lose, not by bare agreement.
+    backend compares variants on, against the fp32 model's own outputs. ``read_teacher`` (text
+    classification) gives the teacher's class probabilities on each ``validate`` batch, row for row, so
+    that a variant is judged by the retention it is estimated to lose, not by bare agreement; it is read
+    only when a backend asks (:attr:`validate_probabilities`), so a target without a choice pays nothing.
     """
 
     calibrate: Batches
     validate: Batches
-    validate_probabilities: list[np.ndarray] | None = None
+    read_teacher: Callable[[], list[np.ndarray]] | None = field(default=None, repr=False)
+
+    @cached_property
+    def validate_probabilities(self) -> list[np.ndarray] | None:
+        return self.read_teacher() if self.read_teacher is not None else None
 
     @property
     def num_calibration_samples(self) -> int:

@@ -210,12 +210,16 @@ def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfi
         cal, val_idx = split(len(transfer), cfg.seed, shots=shots, n_calibrate=n_calibrate, n_validate=n_validate)
         out = CalibrationSet(calibrate=batches(cal), validate=batches(val_idx))
     if teacher is not None:
-        rows = [Example(transfer.texts[i], 0, transfer.pairs[i] if transfer.pairs is not None else None)
-                for i in val_idx]
-        logits = predict(torch_runner(teacher), teacher.tokenizer, teacher.input_names, rows, cfg.distill.max_length)
-        probs = dropout_probabilities(teacher, rows, logits, cfg.distill.max_length, temperature)
-        # row for row with the validation batches, which batches_from_encodings sorted by length
-        out.validate_probabilities = [probs[g] for g in length_sorted_batches(encode(val_idx), BATCH)]
+        def read() -> list[np.ndarray]:
+            rows = [Example(transfer.texts[i], 0, transfer.pairs[i] if transfer.pairs is not None else None)
+                    for i in val_idx]
+            logits = predict(torch_runner(teacher), teacher.tokenizer, teacher.input_names, rows,
+                             cfg.distill.max_length)
+            probs = dropout_probabilities(teacher, rows, logits, cfg.distill.max_length, temperature)
+            # row for row with the validation batches, which batches_from_encodings sorted by length
+            return [probs[g] for g in length_sorted_batches(encode(val_idx), BATCH)]
+
+        out.read_teacher = read
     return out
 
 
