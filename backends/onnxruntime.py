@@ -399,7 +399,8 @@ class OrtInt8Backend(_OrtBackend):
         is recorded in ``errors`` and left out, as one that failed to build."""
         ref = OrtRunner(reference)
         ref_pred = [decisions(ref(b)) for b in calibration.validate]
-        probs = calibration.validate_probabilities if len(candidates) > 1 else None  # nothing to choose
+        read = calibration.validate_probabilities if len(candidates) > 1 else None  # nothing to choose
+        probs, ref_all = (np.concatenate(read), np.concatenate(ref_pred)) if read is not None else (None, None)
         table: dict[str, dict[str, float]] = {}
         for name, path in candidates.items():
             try:
@@ -411,7 +412,7 @@ class OrtInt8Backend(_OrtBackend):
             agree = np.concatenate([(p == r).reshape(-1) for p, r in zip(pred, ref_pred)])
             judged = {}
             if probs is not None:  # what the teacher says the disagreements cost
-                change, se = retention_change(np.concatenate(probs), np.concatenate(pred), np.concatenate(ref_pred))
+                change, se = retention_change(probs, np.concatenate(pred), ref_all)
                 judged = {"retention_change": change, "retention_change_se": se}
             # a real validation row repeated to the profiling length: valid ids for any vocabulary
             probe = {k: np.resize(v[:1], (1, seq_len)) if v.ndim == 2 else v[:1]  # images keep their shape

@@ -35,7 +35,8 @@ def retention_change(probabilities: np.ndarray, pred: np.ndarray, reference: np.
     rows = np.arange(len(pred))
     diff = probabilities[rows, pred] - probabilities[rows, reference]
     scale = float(probabilities.max(-1).mean()) or 1.0
-    return float(diff.mean()) / scale, float(diff.std(ddof=1) / math.sqrt(len(diff))) / scale if len(diff) > 1 else 0.0
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return float(diff.mean()) / scale, se / scale
 
 
 def methods(requested: str, known: tuple[str, ...]) -> tuple[str, ...]:

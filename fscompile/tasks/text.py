@@ -194,21 +194,23 @@ def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfi
         pairs = [transfer.pairs[i] for i in idx] if transfer.pairs is not None else None
         return student.tokenizer(texts, pairs, truncation=True, max_length=cfg.distill.max_length)
 
-    def batches(idx: list[int]) -> Batches:
-        return batches_from_encodings(encode(idx), student.input_names, student.tokenizer.pad_token_id or 0)
+    def batches(enc: dict[str, list[list[int]]]) -> Batches:
+        return batches_from_encodings(enc, student.input_names, student.tokenizer.pad_token_id or 0, BATCH)
 
     shots = transfer.origin.count("shot")
     real = [i for i, o in enumerate(transfer.origin) if o in ("generated", "unlabeled")]
     if len(real) >= 64:
         val = np.random.default_rng(cfg.seed + 1).choice(real, min(n_validate, len(real) // 2), replace=False)
-        held = set(val.tolist())
+        val_idx = sorted(val.tolist())
+        held = set(val_idx)
         rest = [i for i in range(len(transfer)) if i not in held]  # the shots stay first
         cal, _ = split(len(rest), cfg.seed, shots=shots, n_calibrate=n_calibrate, n_validate=0)
-        out = CalibrationSet(calibrate=batches([rest[i] for i in cal]), validate=batches(sorted(held)))
-        val_idx = sorted(held)
+        cal_idx = [rest[i] for i in cal]
     else:
-        cal, val_idx = split(len(transfer), cfg.seed, shots=shots, n_calibrate=n_calibrate, n_validate=n_validate)
-        out = CalibrationSet(calibrate=batches(cal), validate=batches(val_idx))
+        cal_idx, val_idx = split(len(transfer), cfg.seed, shots=shots, n_calibrate=n_calibrate,
+                                 n_validate=n_validate)
+    val_enc = encode(val_idx)
+    out = CalibrationSet(calibrate=batches(encode(cal_idx)), validate=batches(val_enc))
     if teacher is not None:
         def read() -> list[np.ndarray]:
             rows = [Example(transfer.texts[i], 0, transfer.pairs[i] if transfer.pairs is not None else None)
@@ -217,7 +219,7 @@ def calibration_set(student: TextModel, transfer: TransferSet, cfg: CompileConfi
                              cfg.distill.max_length)
             probs = dropout_probabilities(teacher, rows, logits, cfg.distill.max_length, temperature)
             # row for row with the validation batches, which batches_from_encodings sorted by length
-            return [probs[g] for g in length_sorted_batches(encode(val_idx), BATCH)]
+            return [probs[g] for g in length_sorted_batches(val_enc, BATCH)]
 
         out.read_teacher = read
     return out
