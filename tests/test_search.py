@@ -235,6 +235,37 @@ def test_a_narrow_miss_on_retention_alone_tries_the_shapes_other_layer_choice_ne
         assert _twin([dict(twin)], {**tried, "measured": {**tried["measured"], **m}}, budget) is None
 
 
+def test_of_trials_as_fast_as_the_fastest_that_met_the_budget_the_most_retentive_ships():
+    from fscompile.search import _winner
+
+    def trial(n: int, ms: float, retention: float | None) -> dict:
+        return {"trial": n, "measured": {"latency_ms": ms, "retention": retention}}
+
+    # run 11's SST-2 tight search: 40% pruned was 3% faster than 20% pruned and kept 0.8 points less
+    first, kept_more, fastest = trial(1, 2.84, 0.929), trial(2, 2.79, 0.936), trial(3, 2.70, 0.928)
+    assert _winner([first, kept_more, fastest]) is kept_more  # the first is 5.2% slower: not tied
+    assert _winner([first, {**kept_more, "measured": {"latency_ms": 2.85, "retention": 0.936}}, fastest]) is fastest
+    assert _winner([trial(1, 2.79, None), trial(2, 2.70, None)])["trial"] == 2  # no estimate: the fastest
+    assert _winner([]) is None
+
+
+def test_once_one_met_the_budget_trials_left_go_to_as_fast_candidates_predicted_to_keep_more():
+    from fscompile.search import _next, _tied
+
+    met = {**QUICK, "latency_ms": 2.0, "trial": 1, "measured": {"latency_ms": 2.0, "retention": 0.95}}
+    tied = {**QUICK, "prune": 0.2, "latency_ms": 2.08}  # 4% slower
+    slower = {**QUICK, "layers": 3, "layer_fraction": 0.5, "latency_ms": 2.2}  # 10% slower
+    budget = Budget(min_retention=0.94)
+    rows = kept((tied, 0.97), (slower, 0.99))
+    assert _next([dict(tied), dict(slower)], budget, rows, TASK, 0.0, met, calibrated=True) is None  # none faster
+    pick = _tied([dict(tied), dict(slower)], [met], budget, rows, TASK, 0.0)
+    assert pick["prune"] == 0.2 and pick["tied_with"] == 1
+    # predicted to keep less than half a point more than the trial that met it, or no retention limit: none
+    assert _tied([dict(tied)], [met], budget, rows, TASK, -0.016) is None
+    assert _tied([dict(tied)], [met], Budget(max_latency_ms=3.0), rows, TASK, 0.0) is None
+    assert _tied([dict(tied)], [], budget, rows, TASK, 0.0) is None
+
+
 def test_with_none_expected_to_meet_it_a_shape_timed_within_the_latency_limit_goes_first():
     from fscompile.search import _next
 
