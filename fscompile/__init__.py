@@ -19,7 +19,7 @@ def compile(teacher: Any = "minilm", *, data: str | None = None, target: str = "
     ``options`` are :class:`~fscompile.config.CompileConfig` fields (``seed``, ``student_layers``,
     ``prune``, ...), :class:`~fscompile.config.DistillConfig` fields (``steps``, ``lr``, ...), or
     :class:`~fscompile.budget.Budget` fields (``max_latency_ms``, ``min_retention``, ...; with
-    ``max_trials``), which search for the smallest, fastest artifact within them.
+    ``max_trials``), which search for the fastest artifact within them (of those within 5% of it, the most accurate).
     Returns the manifest; the artifact, ``manifest.json`` and ``report.md`` are in ``out``.
     """
     import dataclasses

@@ -208,8 +208,8 @@ def _fail(e: BaseException, debug: bool) -> None:
               help="Accuracy the artifact may lose against the fp32 student before verification fails.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub (off by default).")
 @click.option("--max-latency-ms", type=float, help="Budget: batch-1 p50 latency at --seq-len on this machine. Any "
-              "budget makes fscompile search student depth, pruning and table bits for the smallest, fastest "
-              "artifact within it (text classification).")
+              "budget makes fscompile search student depth, pruning and table bits for the fastest artifact within "
+              "it (within 5% of the fastest: the most accurate; text classification).")
 @click.option("--max-size-mb", type=float, help="Budget: the artifact's size on disk.")
 @click.option("--max-peak-mb", type=float, help="Budget: peak resident memory of a process serving the artifact.")
 @click.option("--min-retention", type=float, help="Budget: accuracy kept relative to the teacher (0-1), estimated "
