@@ -163,7 +163,7 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             else:
                 pick = (_next(feasible, budget, rows, traits, offset, fastest, calibrated=bool(residuals))
                         or _tied(feasible, met, budget, rows, traits, offset))
-            if pick is None:  # nothing faster than the winner, or as fast and more retentive, is expected to meet it
+            if pick is None:  # nothing faster than the fastest that met it, or as fast and keeping more, is hopeful
                 break
             feasible.remove(pick)
             trials += 1
@@ -191,11 +191,10 @@ def run(cfg: CompileConfig, budget: Budget, out: Path, *, force: bool = False, p
             twin = _twin(feasible, pick, budget)
             if not over:
                 met.append(pick)
-        winner = _winner(met)
+        winner, as_fast = _winner(met), _as_fast(met)
         for c in met:
             if c is not winner:
-                c["status"] = ("met the budget; a faster one met it too" if c["measured"]["latency_ms"] > LATENCY_TIE *
-                               min(m["measured"]["latency_ms"] for m in met) else
+                c["status"] = ("met the budget; a faster one met it too" if c not in as_fast else
                                f"met the budget; trial {winner['trial']}, as fast (within {LATENCY_TIE - 1:.0%}), kept more")
         for c in feasible:
             c.setdefault("status", "not tried")
@@ -298,15 +297,22 @@ def _tied(feasible: list[dict[str, Any]], met: list[dict[str, Any]], budget: Bud
     the best that met it; None if there is none (or no retention limit to keep)."""
     if not met or budget.min_retention is None:
         return None
-    fastest = min(c["latency_ms"] for c in met)
+    fastest = min(met, key=lambda c: c["latency_ms"])  # in shape, as the candidates are compared
     best = max(c["measured"]["retention"] for c in met)
-    tied = [c for c in feasible if c["latency_ms"] <= LATENCY_TIE * fastest
+    tied = [c for c in feasible if c["latency_ms"] <= LATENCY_TIE * fastest["latency_ms"]
             and _predicted(c, rows, traits, offset) >= max(best, budget.min_retention) + RETENTION_GAIN]
     if not tied:
         return None
     pick = max(tied, key=lambda c: (c["predicted_retention"], -c["latency_ms"]))
-    pick["tied_with"] = min(met, key=lambda c: c["latency_ms"])["trial"]
+    pick["tied_with"] = fastest["trial"]
     return pick
+
+
+def _as_fast(met: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials that met the budget within :data:`LATENCY_TIE` of the fastest of them (as measured, in the
+    shapes' frame): equally fast, as far as the search can tell."""
+    fastest = min((c["measured"]["latency_ms"] for c in met), default=0.0)
+    return [c for c in met if c["measured"]["latency_ms"] <= LATENCY_TIE * fastest]
 
 
 def _winner(met: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -314,9 +320,7 @@ def _winner(met: list[dict[str, Any]]) -> dict[str, Any] | None:
     fastest (as measured, in the shapes' frame); the fastest of them when retention was not estimated."""
     if not met:
         return None
-    fastest = min(c["measured"]["latency_ms"] for c in met)
-    tied = [c for c in met if c["measured"]["latency_ms"] <= LATENCY_TIE * fastest]
-    return max(tied, key=lambda c: (c["measured"]["retention"] or 0.0, -c["measured"]["latency_ms"]))
+    return max(_as_fast(met), key=lambda c: (c["measured"]["retention"] or 0.0, -c["measured"]["latency_ms"]))
 
 
 def _twin(feasible: list[dict[str, Any]], trained: dict[str, Any], budget: Budget) -> dict[str, Any] | None:
